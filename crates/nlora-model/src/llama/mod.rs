@@ -1,0 +1,3 @@
+//! LLaMA-family decoder (LLaMA, SmolLM2, Qwen2-style biases) written for training with LoRA sites.
+pub mod config;
+pub use config::LlamaConfig;
