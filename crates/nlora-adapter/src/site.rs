@@ -1,0 +1,314 @@
+//! One adapted linear layer: `y = W0 x + sum_i s_i B_i A_i x + s B A dropout(x)`.
+//!
+//! W0 (and its bias) is the frozen pretrained weight; `(A_i, B_i, s_i)` are the
+//! frozen adapters of the tasks already learned (the reference code's
+//! "previous" LoRA, stacked along the rank axis); `(A, B, s)` is the current
+//! task's trainable adapter. Shapes follow PEFT: A `(r, in)`, B `(out, r)`,
+//! scale `s = alpha / r`.
+use candle_core::{DType, Device, Result, Tensor, Var};
+use rand::{Rng, SeedableRng};
+
+use crate::config::LoraConfig;
+use crate::frozen::{frozen_matmul_t, FrozenLinear};
+
+/// How a forward pass runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardMode {
+    /// No dropout, no autograd graph (the adapters are read detached).
+    Inference,
+    /// Autograd graph on the current adapters. Dropout on the current
+    /// adapter's input when a seed is given (each site derives its own
+    /// stream from it, so a step is reproducible); `None` disables dropout
+    /// (gradient checks, Fisher information).
+    Train { dropout_seed: Option<u64> },
+}
+
+impl ForwardMode {
+    pub fn tracks_gradients(&self) -> bool {
+        matches!(self, ForwardMode::Train { .. })
+    }
+}
+
+/// A finished task's adapter: frozen, with its own scale.
+#[derive(Debug, Clone)]
+pub struct FrozenAdapter {
+    /// `(r, in)`
+    pub a: Tensor,
+    /// `(out, r)`
+    pub b: Tensor,
+    /// `alpha / r` of the task that trained it.
+    pub scale: f64,
+}
+
+impl FrozenAdapter {
+    /// The update `dW = s B A`, `(out, in)`.
+    pub fn delta_weight(&self) -> Result<Tensor> {
+        self.b.matmul(&self.a)?.affine(self.scale, 0.0)
+    }
+}
+
+/// The current task's trainable adapter.
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    a: Var,
+    b: Var,
+    alpha: f64,
+    dropout: f32,
+}
+
+impl LoraAdapter {
+    /// PEFT's initialisation: A kaiming-uniform with `a = sqrt(5)`, i.e.
+    /// `U(-1/sqrt(in), 1/sqrt(in))`, and B zeros, so the update starts at 0.
+    pub fn init(
+        cfg: &LoraConfig,
+        in_features: usize,
+        out_features: usize,
+        dtype: DType,
+        device: &Device,
+        rng: &mut impl Rng,
+    ) -> Result<Self> {
+        if cfg.r == 0 {
+            candle_core::bail!("LoRA rank r must be at least 1");
+        }
+        let bound = 1.0 / (in_features as f64).sqrt();
+        let a: Vec<f64> = (0..cfg.r * in_features)
+            .map(|_| rng.random_range(-bound..bound))
+            .collect();
+        let a = Tensor::from_vec(a, (cfg.r, in_features), device)?.to_dtype(dtype)?;
+        let b = Tensor::zeros((out_features, cfg.r), dtype, device)?;
+        Self::from_tensors(a, b, cfg.alpha, cfg.dropout)
+    }
+
+    /// Wraps existing `A (r, in)`, `B (out, r)` (e.g. loaded from PEFT files) as trainable.
+    pub fn from_tensors(a: Tensor, b: Tensor, alpha: f64, dropout: f32) -> Result<Self> {
+        let (r, _) = a.dims2()?;
+        let (_, rb) = b.dims2()?;
+        if r != rb {
+            candle_core::bail!(
+                "LoRA A {:?} and B {:?} disagree on the rank",
+                a.shape(),
+                b.shape()
+            );
+        }
+        if !(0.0..1.0).contains(&dropout) {
+            candle_core::bail!("LoRA dropout must be in [0, 1), got {dropout}");
+        }
+        Ok(Self {
+            a: Var::from_tensor(&a.detach())?,
+            b: Var::from_tensor(&b.detach())?,
+            alpha,
+            dropout,
+        })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.a.dims()[0]
+    }
+    pub fn alpha(&self) -> f64 {
+        self.alpha
+    }
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.rank() as f64
+    }
+    pub fn dropout(&self) -> f32 {
+        self.dropout
+    }
+    /// lora_A, `(r, in)`; the trainable variable.
+    pub fn a(&self) -> &Var {
+        &self.a
+    }
+    /// lora_B, `(out, r)`; the trainable variable.
+    pub fn b(&self) -> &Var {
+        &self.b
+    }
+    /// The update `dW = s B A`, `(out, in)`, differentiable w.r.t. A and B.
+    pub fn delta_weight(&self) -> Result<Tensor> {
+        self.b
+            .as_tensor()
+            .matmul(self.a.as_tensor())?
+            .affine(self.scale(), 0.0)
+    }
+    /// A detached copy, for the history.
+    pub fn to_frozen(&self) -> FrozenAdapter {
+        FrozenAdapter {
+            a: self.a.as_tensor().detach(),
+            b: self.b.as_tensor().detach(),
+            scale: self.scale(),
+        }
+    }
+}
+
+/// The history stacked along the rank axis, scales folded into B:
+/// `sum_i s_i B_i A_i x = [s_1 B_1 | s_2 B_2 | ...] [A_1; A_2; ...] x`.
+#[derive(Debug, Clone)]
+struct StackedHistory {
+    a: Tensor,
+    b_scaled: Tensor,
+}
+
+/// An adapted linear layer (PEFT's `LoraLinear`): frozen base, frozen history, trainable current adapter.
+#[derive(Debug, Clone)]
+pub struct AdapterSite {
+    base: FrozenLinear,
+    history: Vec<FrozenAdapter>,
+    stacked: Option<StackedHistory>,
+    current: Option<LoraAdapter>,
+}
+
+impl AdapterSite {
+    /// A site with only its frozen base weight `(out, in)` (and bias), no adapter.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        Ok(Self {
+            base: FrozenLinear::new(weight, bias)?,
+            history: Vec::new(),
+            stacked: None,
+            current: None,
+        })
+    }
+
+    pub fn base(&self) -> &FrozenLinear {
+        &self.base
+    }
+    pub fn in_features(&self) -> usize {
+        self.base.in_features()
+    }
+    pub fn out_features(&self) -> usize {
+        self.base.out_features()
+    }
+    pub fn current(&self) -> Option<&LoraAdapter> {
+        self.current.as_ref()
+    }
+    /// Earlier tasks' adapters, oldest first.
+    pub fn history(&self) -> &[FrozenAdapter] {
+        &self.history
+    }
+    /// The earlier tasks' lora_A stacked along the rank axis, `(R, in)` with R
+    /// the sum of their ranks (the reference code's "previous" lora_A, used by
+    /// O-LoRA's orthogonality term). `None` when there is no history.
+    pub fn previous_a(&self) -> Option<&Tensor> {
+        self.stacked.as_ref().map(|s| &s.a)
+    }
+
+    /// Installs a trainable adapter (replacing any current one).
+    pub fn set_current(&mut self, adapter: LoraAdapter) -> Result<()> {
+        let (r, in_f) = adapter.a.dims2()?;
+        let (out_f, _) = adapter.b.dims2()?;
+        if in_f != self.in_features() || out_f != self.out_features() {
+            candle_core::bail!(
+                "adapter A ({r}, {in_f}) / B ({out_f}, {r}) does not fit a ({}, {}) layer",
+                self.out_features(),
+                self.in_features()
+            );
+        }
+        self.current = Some(adapter);
+        Ok(())
+    }
+
+    /// Removes the current adapter without keeping it.
+    pub fn clear_current(&mut self) -> Option<LoraAdapter> {
+        self.current.take()
+    }
+
+    /// Appends a finished task's adapter to the history.
+    pub fn push_history(&mut self, adapter: FrozenAdapter) -> Result<()> {
+        let (r, in_f) = adapter.a.dims2()?;
+        let (out_f, rb) = adapter.b.dims2()?;
+        if r != rb || in_f != self.in_features() || out_f != self.out_features() {
+            candle_core::bail!(
+                "frozen adapter A {:?} / B {:?} does not fit a ({}, {}) layer",
+                adapter.a.shape(),
+                adapter.b.shape(),
+                self.out_features(),
+                self.in_features()
+            );
+        }
+        self.history.push(FrozenAdapter {
+            a: adapter.a.detach(),
+            b: adapter.b.detach(),
+            scale: adapter.scale,
+        });
+        self.restack()
+    }
+
+    /// End of task: the current adapter joins the history (frozen); no current adapter remains.
+    pub fn freeze_current(&mut self) -> Result<()> {
+        if let Some(cur) = self.current.take() {
+            self.push_history(cur.to_frozen())?;
+        }
+        Ok(())
+    }
+
+    /// Folds the history into the base weight: `W0 <- W0 + sum_i s_i B_i A_i`.
+    /// Same outputs, one matmul less per step; the earlier adapters are no
+    /// longer available separately afterwards.
+    pub fn merge_history_into_base(&mut self) -> Result<()> {
+        if self.history.is_empty() {
+            return Ok(());
+        }
+        let mut w = self.base.weight().clone();
+        for h in &self.history {
+            w = (w + h.delta_weight()?.to_dtype(self.base.weight().dtype())?)?;
+        }
+        self.base.set_weight(w);
+        self.history.clear();
+        self.restack()
+    }
+
+    fn restack(&mut self) -> Result<()> {
+        self.stacked = if self.history.is_empty() {
+            None
+        } else {
+            let a = Tensor::cat(&self.history.iter().map(|h| &h.a).collect::<Vec<_>>(), 0)?;
+            let bs = self
+                .history
+                .iter()
+                .map(|h| h.b.affine(h.scale, 0.0))
+                .collect::<Result<Vec<_>>>()?;
+            Some(StackedHistory {
+                a: a.contiguous()?,
+                b_scaled: Tensor::cat(&bs, 1)?.contiguous()?,
+            })
+        };
+        Ok(())
+    }
+
+    /// `x (..., in) -> (..., out)`. `dropout_seed` seeds this site's dropout
+    /// mask (only used in [`ForwardMode::Train`] with a positive dropout).
+    pub fn forward(&self, x: &Tensor, mode: ForwardMode) -> Result<Tensor> {
+        let mut y = self.base.forward(x)?;
+        if let Some(h) = &self.stacked {
+            let hx = frozen_matmul_t(x, &h.a)?;
+            y = (y + frozen_matmul_t(&hx, &h.b_scaled)?)?;
+        }
+        if let Some(cur) = &self.current {
+            let (a, b) = match mode {
+                ForwardMode::Inference => (cur.a.as_tensor().detach(), cur.b.as_tensor().detach()),
+                ForwardMode::Train { .. } => (cur.a.as_tensor().clone(), cur.b.as_tensor().clone()),
+            };
+            let x_in = match mode {
+                ForwardMode::Train {
+                    dropout_seed: Some(seed),
+                } if cur.dropout > 0.0 => dropout(x, cur.dropout, seed)?,
+                _ => x.clone(),
+            };
+            let in_f = self.in_features();
+            let m = x_in.elem_count() / in_f;
+            let x2 = x_in.reshape((m, in_f))?;
+            let u = x2.matmul(&a.t()?)?.matmul(&b.t()?)?;
+            let u = u.affine(cur.scale(), 0.0)?.reshape(y.shape())?;
+            y = (y + u)?;
+        }
+        Ok(y)
+    }
+}
+
+/// Inverted dropout with a mask drawn from `seed` (reproducible steps).
+fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let keep = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    x.mul(&mask)
+}
