@@ -1,0 +1,220 @@
+//! The run directory: the unit of reproducibility. It holds the resolved
+//! config, every task's adapters (PEFT format), the accuracy matrices, the
+//! results, the log and the resume point. Every file is written atomically.
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainError};
+
+/// Writes `bytes` to `path` through a temporary file in the same directory,
+/// fsynced and renamed over the target: a crash leaves the old file or the
+/// new one, never half of either.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    let err = |e: std::io::Error| TrainError::File {
+        path: path.to_path_buf(),
+        message: format!("cannot write: {e}"),
+    };
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    fs::create_dir_all(dir).map_err(err)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(err)?;
+    tmp.write_all(bytes).map_err(err)?;
+    tmp.as_file().sync_all().map_err(err)?;
+    tmp.persist(path).map_err(|e| err(e.error))?;
+    // The rename itself must reach the disk before we call the file written.
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(value).map_err(|e| TrainError::File {
+        path: path.to_path_buf(),
+        message: format!("cannot serialise: {e}"),
+    })?;
+    text.push('\n');
+    atomic_write(path, text.as_bytes())
+}
+
+pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    let text = fs::read_to_string(path).map_err(|e| TrainError::File {
+        path: path.to_path_buf(),
+        message: format!("cannot read: {e}"),
+    })?;
+    serde_json::from_str(&text).map_err(|e| TrainError::File {
+        path: path.to_path_buf(),
+        message: format!("not valid JSON for this file: {e}"),
+    })
+}
+
+/// Paths inside a run directory, in one place.
+#[derive(Debug, Clone)]
+pub struct RunDir {
+    pub root: PathBuf,
+}
+
+impl RunDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+    pub fn config(&self) -> PathBuf {
+        self.root.join("config.toml")
+    }
+    pub fn results_json(&self) -> PathBuf {
+        self.root.join("results.json")
+    }
+    pub fn results_csv(&self) -> PathBuf {
+        self.root.join("results.csv")
+    }
+    pub fn metrics_json(&self) -> PathBuf {
+        self.root.join("metrics.json")
+    }
+    pub fn log(&self) -> PathBuf {
+        self.root.join("train.log")
+    }
+    pub fn lock(&self) -> PathBuf {
+        self.root.join(".lock")
+    }
+    /// Adapters of task `k` (0-based), as PEFT writes them.
+    pub fn task_adapter(&self, k: usize, name: &str) -> PathBuf {
+        self.root.join(format!("task-{}-{}", k + 1, name))
+    }
+    pub fn checkpoint(&self) -> PathBuf {
+        self.root.join("checkpoint")
+    }
+
+    /// Takes the run directory for this process. A live owner makes this fail;
+    /// a lock left by a dead process is taken over.
+    pub fn acquire_lock(&self) -> Result<RunLock> {
+        fs::create_dir_all(&self.root).map_err(|e| TrainError::RunDir {
+            path: self.root.clone(),
+            message: format!("cannot create: {e}"),
+        })?;
+        let path = self.lock();
+        if let Ok(text) = fs::read_to_string(&path) {
+            if let Ok(pid) = text.trim().parse::<u32>() {
+                if pid != std::process::id() && process_alive(pid) {
+                    return Err(TrainError::RunDir {
+                        path: self.root.clone(),
+                        message: format!(
+                            "in use by a running nlora process (pid {pid}); wait for it, or choose another --out"
+                        ),
+                    });
+                }
+            }
+        }
+        atomic_write(&path, std::process::id().to_string().as_bytes())?;
+        Ok(RunLock { path })
+    }
+}
+
+fn process_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Removes the lock when the run ends (also on error).
+pub struct RunLock {
+    path: PathBuf,
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// The numbers of a run, as written to results.json.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Results {
+    pub method: String,
+    pub seed: u64,
+    pub tasks: Vec<String>,
+    /// Exact match; row i = after task i, column j = on task j, in [0, 1].
+    pub accuracy_matrix: Vec<Vec<f64>>,
+    /// Rank-classification over the task's labels (same layout); empty if off.
+    pub accuracy_matrix_rank: Vec<Vec<f64>>,
+    /// Zero-shot accuracy per task before any training (for FWT), if measured.
+    pub zero_shot: Option<Vec<f64>>,
+    pub average_accuracy: f64,
+    pub forgetting: f64,
+    pub bwt: f64,
+    pub fwt: Option<f64>,
+    pub average_accuracy_rank: Option<f64>,
+    pub forgetting_rank: Option<f64>,
+    pub bwt_rank: Option<f64>,
+    /// Per task: seconds training, seconds evaluating, training tokens seen.
+    pub train_seconds: Vec<f64>,
+    pub eval_seconds: Vec<f64>,
+    pub tokens_seen: Vec<u64>,
+}
+
+impl Results {
+    /// results.csv: one row per task with its final accuracy and the summary.
+    pub fn to_csv(&self) -> String {
+        let mut s = String::from(
+            "task,index,final_accuracy,final_accuracy_rank,train_seconds,eval_seconds,tokens_seen\n",
+        );
+        let last = self.accuracy_matrix.len().saturating_sub(1);
+        for (j, t) in self.tasks.iter().enumerate() {
+            let acc = self
+                .accuracy_matrix
+                .get(last)
+                .and_then(|r| r.get(j))
+                .copied()
+                .unwrap_or(f64::NAN);
+            let rank = self
+                .accuracy_matrix_rank
+                .get(last)
+                .and_then(|r| r.get(j))
+                .map(|v| format!("{v:.6}"))
+                .unwrap_or_default();
+            s.push_str(&format!(
+                "{t},{},{acc:.6},{rank},{:.3},{:.3},{}\n",
+                j + 1,
+                self.train_seconds.get(j).copied().unwrap_or(0.0),
+                self.eval_seconds.get(j).copied().unwrap_or(0.0),
+                self.tokens_seen.get(j).copied().unwrap_or(0),
+            ));
+        }
+        s.push_str(&format!(
+            "# average_accuracy={:.6},forgetting={:.6},bwt={:.6}\n",
+            self.average_accuracy, self.forgetting, self.bwt
+        ));
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces_whole_file_and_leaves_no_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.json");
+        atomic_write(&p, b"first").unwrap();
+        atomic_write(&p, b"second").unwrap();
+        assert_eq!(fs::read_to_string(&p).unwrap(), "second");
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "temporary files left behind");
+    }
+
+    #[test]
+    fn lock_refuses_live_owner_and_takes_over_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let rd = RunDir::new(dir.path());
+        // pid 1 is always alive.
+        fs::write(rd.lock(), "1").unwrap();
+        let err = rd.acquire_lock().err().expect("live owner must refuse");
+        assert!(err.to_string().contains("pid 1"), "{err}");
+        // A pid far above pid_max is dead: the lock is stale.
+        fs::write(rd.lock(), "999999999").unwrap();
+        let lock = rd.acquire_lock().unwrap();
+        assert!(rd.lock().exists());
+        drop(lock);
+        assert!(!rd.lock().exists());
+    }
+}
