@@ -2,6 +2,10 @@
 pub mod error;
 pub mod gguf;
 pub mod llama;
+pub mod lm;
+pub mod load;
 pub mod tokenizer;
 
 pub use error::{ModelError, Result};
+pub use lm::{GenerateOptions, LabelLogits, LanguageModel, LmBatch, IGNORE_INDEX};
+pub use load::{load_model, load_model_as};
