@@ -33,7 +33,8 @@ pub fn load_model_as(path: impl AsRef<Path>, dtype: DType, device: &Device) -> R
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
     if is_gguf {
         let (config, tensors) = crate::gguf::load_llama_gguf(path, device)?;
-        return Llama::from_tensors(config, tensors, dtype, device);
+        return Llama::from_tensors(config, tensors, dtype, device)
+            .map_err(|e| in_checkpoint(e, path));
     }
     if !path.exists() {
         return Err(ModelError::Io {
@@ -53,7 +54,19 @@ pub fn load_model_as(path: impl AsRef<Path>, dtype: DType, device: &Device) -> R
 pub fn load_hf_folder(dir: &Path, dtype: DType, device: &Device) -> Result<Llama> {
     let config = read_hf_config(&dir.join("config.json"))?;
     let tensors = read_safetensors_weights(dir, device)?;
-    Llama::from_tensors(config, tensors, dtype, device)
+    Llama::from_tensors(config, tensors, dtype, device).map_err(|e| in_checkpoint(e, dir))
+}
+
+/// Says which checkpoint a tensor or config problem found while building the model comes from.
+fn in_checkpoint(e: ModelError, path: &Path) -> ModelError {
+    match e {
+        ModelError::Tensor { name, message } => ModelError::Tensor {
+            name,
+            message: format!("{message} (in {})", path.display()),
+        },
+        ModelError::Unsupported(m) => ModelError::Unsupported(format!("{}: {m}", path.display())),
+        e => e,
+    }
 }
 
 /// Reads a LLaMA-family `config.json`, checking `model_type` and refusing

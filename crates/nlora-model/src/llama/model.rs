@@ -25,7 +25,8 @@ struct RmsNorm {
 
 impl RmsNorm {
     fn forward(&self, x: &Tensor, mode: ForwardMode) -> Result<Tensor> {
-        if mode == ForwardMode::Inference {
+        // candle's fused kernel has no backward, and no F64 version
+        if mode == ForwardMode::Inference && x.dtype() != DType::F64 {
             return Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)?);
         }
         let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
@@ -223,7 +224,7 @@ impl WeightSource {
             .remove(name)
             .ok_or_else(|| ModelError::Tensor {
                 name: name.into(),
-                message: "missing from the checkpoint".into(),
+                message: "missing".into(),
             })?;
         if t.dims() != shape {
             return Err(ModelError::Tensor {
