@@ -22,6 +22,12 @@ pub enum TrainError {
         message: String,
     },
     #[error(transparent)]
+    Adapter(#[from] nlora_adapter::AdapterError),
+    #[error(transparent)]
+    Data(#[from] nlora_data::DataError),
+    #[error("{0}")]
+    Math(#[from] nlora_math::MathError),
+    #[error(transparent)]
     Model(#[from] nlora_model::ModelError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

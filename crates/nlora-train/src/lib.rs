@@ -1,9 +1,17 @@
 //! The continual-learning engine: configuration, methods, the task loop,
 //! evaluation and the run directory.
+pub mod analysis;
 pub mod config;
+pub mod engine;
 pub mod error;
+pub mod eval;
+pub mod method;
 pub mod presets;
 pub mod rundir;
+pub mod stream;
+#[doc(hidden)]
+pub mod testing;
+pub mod trainer;
 
 pub use config::RunConfig;
 pub use error::{Result, TrainError};

@@ -116,6 +116,7 @@ fn process_alive(pid: u32) -> bool {
 }
 
 /// Removes the lock when the run ends (also on error).
+#[derive(Debug)]
 pub struct RunLock {
     path: PathBuf,
 }
@@ -145,18 +146,15 @@ pub struct Results {
     pub average_accuracy_rank: Option<f64>,
     pub forgetting_rank: Option<f64>,
     pub bwt_rank: Option<f64>,
-    /// Per task: seconds training, seconds evaluating, training tokens seen.
-    pub train_seconds: Vec<f64>,
-    pub eval_seconds: Vec<f64>,
+    /// Training tokens seen per stage (wall times are in timings.json, so
+    /// that results.json is identical for identical runs).
     pub tokens_seen: Vec<u64>,
 }
 
 impl Results {
     /// results.csv: one row per task with its final accuracy and the summary.
     pub fn to_csv(&self) -> String {
-        let mut s = String::from(
-            "task,index,final_accuracy,final_accuracy_rank,train_seconds,eval_seconds,tokens_seen\n",
-        );
+        let mut s = String::from("task,index,final_accuracy,final_accuracy_rank,tokens_seen\n");
         let last = self.accuracy_matrix.len().saturating_sub(1);
         for (j, t) in self.tasks.iter().enumerate() {
             let acc = self
@@ -172,10 +170,8 @@ impl Results {
                 .map(|v| format!("{v:.6}"))
                 .unwrap_or_default();
             s.push_str(&format!(
-                "{t},{},{acc:.6},{rank},{:.3},{:.3},{}\n",
+                "{t},{},{acc:.6},{rank},{}\n",
                 j + 1,
-                self.train_seconds.get(j).copied().unwrap_or(0.0),
-                self.eval_seconds.get(j).copied().unwrap_or(0.0),
                 self.tokens_seen.get(j).copied().unwrap_or(0),
             ));
         }
@@ -208,7 +204,7 @@ mod tests {
         let rd = RunDir::new(dir.path());
         // pid 1 is always alive.
         fs::write(rd.lock(), "1").unwrap();
-        let err = rd.acquire_lock().err().expect("live owner must refuse");
+        let err = rd.acquire_lock().expect_err("live owner must refuse");
         assert!(err.to_string().contains("pid 1"), "{err}");
         // A pid far above pid_max is dead: the lock is stale.
         fs::write(rd.lock(), "999999999").unwrap();

@@ -1,0 +1,221 @@
+//! `nlora run`, `nlora metrics` and `nlora presets`.
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use nlora_math::metrics::CollisionThreshold;
+use nlora_train::config::{L1Form, MethodName, PerTask};
+use nlora_train::engine::{self, RunOptions};
+use nlora_train::presets::{preset, PRESETS};
+use nlora_train::RunConfig;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{fmt, EnvFilter, Layer};
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// A TOML run configuration.
+    #[arg(long, conflicts_with = "preset")]
+    config: Option<PathBuf>,
+    /// A named preset instead of a config (see `nlora presets`).
+    #[arg(long)]
+    preset: Option<String>,
+    /// The method (seqlora, inclora, olora, nlora, olora+nlora, sa, sb, sab, ns, pertask, mtl).
+    #[arg(long)]
+    method: Option<String>,
+    /// N-LoRA's l1 form: dw (the paper) or reference-code (||A B||_1, r x r).
+    #[arg(long)]
+    l1_form: Option<String>,
+    /// N-LoRA's lambda (one value for every task).
+    #[arg(long)]
+    lambda: Option<f64>,
+    /// A .gguf file or a Hugging Face model folder (default: $NLORA_MODEL, then the fetch-model cache).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The benchmark folder (default: $NLORA_DATA, then ../shared/cl_benchmark).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// The run directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Continue the run in --out from its last resume point.
+    #[arg(long)]
+    resume: bool,
+    /// Seed of every random stream.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+pub struct MetricsArgs {
+    /// A finished run directory.
+    run_dir: PathBuf,
+    /// Absolute threshold: an entry of dW counts as non-zero when |dW| > TAU.
+    #[arg(long, conflicts_with = "tau_rel")]
+    tau: Option<f64>,
+    /// Relative threshold: |dW| > TAU_REL * (largest |dW| at the site over all tasks). Default 0.01.
+    #[arg(long)]
+    tau_rel: Option<f64>,
+}
+
+fn init_logging(verbose: u8, log_file: Option<PathBuf>) -> Result<()> {
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let stderr = fmt::layer().with_writer(std::io::stderr).with_filter(
+        EnvFilter::try_from_env("NLORA_LOG").unwrap_or_else(|_| EnvFilter::new(level)),
+    );
+    let file_layer = match log_file {
+        Some(path) => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+            }
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .with_context(|| format!("cannot open log {}", path.display()))?;
+            Some(
+                fmt::layer()
+                    .with_ansi(false)
+                    .with_writer(std::sync::Mutex::new(file))
+                    .with_filter(EnvFilter::new("info")),
+            )
+        }
+        None => None,
+    };
+    let _ = tracing_subscriber::registry()
+        .with(stderr)
+        .with(file_layer)
+        .try_init();
+    Ok(())
+}
+
+fn build_config(args: &RunArgs) -> Result<RunConfig> {
+    let method = args.method.as_deref().map(MethodName::parse).transpose()?;
+    let l1_form = match args.l1_form.as_deref() {
+        None | Some("dw") => L1Form::Dw,
+        Some("reference-code") => L1Form::ReferenceCode,
+        Some(other) => anyhow::bail!("unknown --l1-form `{other}`: use dw or reference-code"),
+    };
+    let mut cfg = match (&args.config, &args.preset) {
+        (Some(path), _) => {
+            let mut c = RunConfig::from_toml_file(path)?;
+            if let Some(m) = method {
+                c.method.name = m;
+            }
+            if args.l1_form.is_some() {
+                c.method.l1_form = l1_form;
+            }
+            c
+        }
+        (None, Some(name)) => preset(name, method.unwrap_or(MethodName::NLora), l1_form)?,
+        (None, None) => anyhow::bail!("give --config FILE or --preset NAME (see `nlora presets`)"),
+    };
+    if let Some(l) = args.lambda {
+        cfg.method.lambda = Some(PerTask::One(l));
+    }
+    if let Some(m) = &args.model {
+        cfg.model.path = Some(m.clone());
+    }
+    if let Some(s) = args.seed {
+        cfg.seed = s;
+    }
+    Ok(cfg)
+}
+
+pub fn run(args: RunArgs, verbose: u8) -> Result<()> {
+    init_logging(verbose, Some(args.out.join("train.log")))?;
+    let cfg = if args.resume {
+        // The run directory's own config wins; flags that change it are refused.
+        if args.config.is_some() || args.preset.is_some() || args.method.is_some() {
+            tracing::warn!("--resume uses the run directory's config.toml; --config/--preset/--method are ignored");
+        }
+        RunConfig::from_toml_file(&args.out.join("config.toml"))
+            .with_context(|| format!("cannot resume {}", args.out.display()))?
+    } else {
+        build_config(&args)?
+    };
+    let data_dir = match (&args.data_dir, &cfg.data.dir) {
+        (Some(d), _) => d.clone(),
+        (None, Some(d)) if args.resume => d.clone(),
+        _ => nlora_data::resolve_data_dir(cfg.data.dir.as_deref())?,
+    };
+    let progress = !args.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let results = engine::run(
+        cfg,
+        &data_dir,
+        &RunOptions {
+            out: args.out.clone(),
+            resume: args.resume,
+            progress,
+        },
+    )?;
+    println!("{}", results_table(&results));
+    println!("run directory: {}", args.out.display());
+    Ok(())
+}
+
+fn results_table(r: &nlora_train::rundir::Results) -> String {
+    let mut s = format!(
+        "method {}  seed {}\naccuracy matrix (exact match; row = after task i, column = task j):\n",
+        r.method, r.seed
+    );
+    s.push_str(&format!("{:<14}", ""));
+    for t in &r.tasks {
+        s.push_str(&format!("{:>10}", truncate(t, 9)));
+    }
+    s.push('\n');
+    for (i, row) in r.accuracy_matrix.iter().enumerate() {
+        let label = if r.accuracy_matrix.len() == r.tasks.len() {
+            format!("after {}", truncate(&r.tasks[i], 7))
+        } else {
+            "after all".into()
+        };
+        s.push_str(&format!("{label:<14}"));
+        for v in row {
+            s.push_str(&format!("{:>10.3}", v));
+        }
+        s.push('\n');
+    }
+    s.push_str(&format!(
+        "AA {:.4}  forgetting {:.4}  BWT {:.4}",
+        r.average_accuracy, r.forgetting, r.bwt
+    ));
+    if let (Some(a), Some(f)) = (r.average_accuracy_rank, r.forgetting_rank) {
+        s.push_str(&format!(
+            "   (rank classification: AA {a:.4}, forgetting {f:.4})"
+        ));
+    }
+    s
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    s.chars().take(n).collect()
+}
+
+pub fn metrics(args: MetricsArgs, verbose: u8) -> Result<()> {
+    init_logging(verbose, None)?;
+    let threshold = match (args.tau, args.tau_rel) {
+        (Some(t), _) => CollisionThreshold::Absolute(t),
+        (None, Some(f)) => CollisionThreshold::RelativeToSiteMax(f),
+        (None, None) => CollisionThreshold::RelativeToSiteMax(0.01),
+    };
+    threshold.validate()?;
+    let m = nlora_train::analysis::run_metrics(&args.run_dir, threshold)?;
+    println!("{}", nlora_train::analysis::format_table(&m));
+    println!("written: {}", args.run_dir.join("metrics.json").display());
+    Ok(())
+}
+
+pub fn presets() {
+    for (name, what) in PRESETS {
+        println!("{name:<14} {what}");
+    }
+}
