@@ -6,7 +6,7 @@
 //! Shapes follow PEFT: lora_A is (r, in), lora_B is (out, r), dW = B @ A.
 //! Every function returns a 0-dim tensor in the sites' dtype (f32 or f64).
 //!
-//! Two choices keep the gradients right and the memory small:
+//! Three choices keep the gradients right and the memory small:
 //! - |x| is composed as `x * sign(x)` with the sign detached, so that an exact
 //!   zero gets the subgradient 0 (PyTorch's convention). candle's own `abs`
 //!   backward uses `x >= 0 ? 1 : -1`, which gives +1 at zero: a freshly
