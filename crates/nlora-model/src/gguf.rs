@@ -238,13 +238,15 @@ impl GgufFile {
             }
             _ => match self.content.tensor_infos.get("token_embd.weight") {
                 Some(info) => info.shape.dims()[0],
-                None => return Err(self.bad_field(
-                    "tokenizer.ggml.tokens",
-                    format!(
+                None => {
+                    return Err(self.bad_field(
+                        "tokenizer.ggml.tokens",
+                        format!(
                         "missing, and neither {} nor token_embd.weight gives the vocabulary size",
                         key("vocab_size")
                     ),
-                )),
+                    ))
+                }
             },
         };
         Ok(LlamaConfig {

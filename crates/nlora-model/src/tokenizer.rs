@@ -74,12 +74,9 @@ impl TextTokenizer {
             )
         };
         if !json.is_file() {
-            return Err(ModelError::Io {
+            return Err(ModelError::BadFile {
                 path: json,
-                source: std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "no tokenizer.json (needed to tokenise for a Hugging Face model folder)",
-                ),
+                message: "not found (a Hugging Face model folder needs its tokenizer.json)".into(),
             });
         }
         let inner = Tokenizer::from_file(&json).map_err(|e| ModelError::BadFile {

@@ -16,8 +16,12 @@ fn model() -> Llama {
 }
 
 fn last_logits(model: &Llama, ids: &[u32]) -> Tensor {
-    let batch = LmBatch::causal_right_padded(&[ids.to_vec()], &[vec![false; ids.len()]], 2, &Device::Cpu).unwrap();
-    let logits = model.forward_logits(&batch, ForwardMode::Inference).unwrap();
+    let batch =
+        LmBatch::causal_right_padded(&[ids.to_vec()], &[vec![false; ids.len()]], 2, &Device::Cpu)
+            .unwrap();
+    let logits = model
+        .forward_logits(&batch, ForwardMode::Inference)
+        .unwrap();
     logits.get(0).unwrap().get(ids.len() - 1).unwrap()
 }
 
@@ -25,18 +29,32 @@ fn last_logits(model: &Llama, ids: &[u32]) -> Tensor {
 fn last_logits_match_transformers() {
     let model = model();
     let tokenizer = TextTokenizer::from_gguf_path(model_path()).unwrap();
-    let reference = candle_core::safetensors::load(fixture("logits.safetensors"), &Device::Cpu).unwrap();
+    let reference =
+        candle_core::safetensors::load(fixture("logits.safetensors"), &Device::Cpu).unwrap();
     let fx = read_json("generation.json");
     for (n, case) in fx["logits_prompts"].as_array().unwrap().iter().enumerate() {
         let ids = ids_of(&case["ids"]);
-        assert_eq!(tokenizer.encode(case["prompt"].as_str().unwrap()).unwrap(), ids);
+        assert_eq!(
+            tokenizer.encode(case["prompt"].as_str().unwrap()).unwrap(),
+            ids
+        );
         let got = last_logits(&model, &ids);
         let want = &reference[&format!("last_logits_{n}")];
         assert_eq!(got.dims(), want.dims());
-        let diff = (&got - want).unwrap().abs().unwrap().max(D::Minus1).unwrap().to_scalar::<f32>().unwrap();
+        let diff = (&got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max(D::Minus1)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         let argmax = |t: &Tensor| t.argmax(D::Minus1).unwrap().to_scalar::<u32>().unwrap();
         eprintln!("prompt {n}: max |logit diff| = {diff:.2e}");
-        assert!(diff < 2e-3, "prompt {n}: max |logit diff| {diff} vs transformers");
+        assert!(
+            diff < 2e-3,
+            "prompt {n}: max |logit diff| {diff} vs transformers"
+        );
         assert_eq!(argmax(&got), argmax(want), "prompt {n}: top token");
     }
 }
