@@ -226,6 +226,7 @@ pub fn run(cfg: RunConfig, data_dir: &Path, opts: &RunOptions) -> Result<Results
         state.eval_seconds.push(t1.elapsed().as_secs_f64());
         write_json(&state_path, &state)?;
         overall.inc(1);
+        fault_pause(s + 1);
     }
     overall.finish_with_message("done");
     bar.finish_and_clear();
@@ -249,6 +250,19 @@ pub fn run(cfg: RunConfig, data_dir: &Path, opts: &RunOptions) -> Result<Results
         }),
     )?;
     Ok(results)
+}
+
+/// Fault injection for the crash tests: with NLORA_FAULT_PAUSE_AFTER_STAGE=k
+/// the run stops for a while once stage k's resume point is on disk, so a
+/// test can kill it there deterministically.
+fn fault_pause(done: usize) {
+    let want = std::env::var("NLORA_FAULT_PAUSE_AFTER_STAGE")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok());
+    if want == Some(done) {
+        eprintln!("nlora: paused after stage {done} (NLORA_FAULT_PAUSE_AFTER_STAGE)");
+        std::thread::sleep(std::time::Duration::from_secs(600));
+    }
 }
 
 /// The name of a stage: its task, or `mtl` for the union.
