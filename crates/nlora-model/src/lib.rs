@@ -4,6 +4,7 @@ pub mod gguf;
 pub mod llama;
 pub mod lm;
 pub mod load;
+pub mod t5;
 pub mod tokenizer;
 
 pub use error::{ModelError, Result};
