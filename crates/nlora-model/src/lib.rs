@@ -9,4 +9,4 @@ pub mod tokenizer;
 
 pub use error::{ModelError, Result};
 pub use lm::{GenerateOptions, LabelLogits, LanguageModel, LmBatch, IGNORE_INDEX};
-pub use load::{load_model, load_model_as};
+pub use load::{load_any_model, load_model, load_model_as, AnyModel};

@@ -13,6 +13,9 @@ use serde_json::Value;
 
 use crate::error::{ModelError, Result};
 use crate::llama::{Llama, LlamaConfig};
+use crate::lm::{GenerateOptions, LabelLogits, LanguageModel, LmBatch};
+use crate::t5::T5;
+use nlora_adapter::{AdapterSites, ForwardMode};
 
 /// `model_type` values of config.json this loader builds.
 pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "qwen2"];
@@ -255,4 +258,82 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
         files.insert(dir.join(file));
     }
     Ok(files.into_iter().collect())
+}
+
+/// A model of any architecture this crate builds: what
+/// [`load_any_model`] returns, chosen by config.json's `model_type`.
+#[derive(Debug, Clone)]
+pub enum AnyModel {
+    /// LLaMA family (`llama`, `qwen2`; `.gguf` files).
+    Llama(Llama),
+    /// T5 / T5 v1.1 / Flan-T5 (`t5`), encoder-decoder.
+    T5(T5),
+}
+
+/// Loads a `.gguf` file or a Hugging Face folder of any supported
+/// `model_type` (`llama`, `qwen2`, `t5`).
+pub fn load_any_model(path: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<AnyModel> {
+    let path = path.as_ref();
+    if path.is_dir() && crate::t5::is_t5_folder(path) {
+        return Ok(AnyModel::T5(crate::t5::load_t5_folder(
+            path, dtype, device,
+        )?));
+    }
+    Ok(AnyModel::Llama(load_model_as(path, dtype, device)?))
+}
+
+impl AnyModel {
+    /// The token that ends a generated sequence, from the model's config.
+    pub fn eos_token_id(&self) -> Option<u32> {
+        match self {
+            AnyModel::Llama(m) => m.config().eos_token_id,
+            AnyModel::T5(m) => Some(m.config().eos_id()),
+        }
+    }
+
+    /// Encoder-decoder (the prompt is the source, the label the target) or decoder-only.
+    pub fn is_encoder_decoder(&self) -> bool {
+        matches!(self, AnyModel::T5(_))
+    }
+
+    fn inner(&self) -> &dyn LanguageModel {
+        match self {
+            AnyModel::Llama(m) => m,
+            AnyModel::T5(m) => m,
+        }
+    }
+
+    fn inner_mut(&mut self) -> &mut dyn LanguageModel {
+        match self {
+            AnyModel::Llama(m) => m,
+            AnyModel::T5(m) => m,
+        }
+    }
+}
+
+impl LanguageModel for AnyModel {
+    fn device(&self) -> &Device {
+        self.inner().device()
+    }
+    fn adapter_sites(&self) -> &AdapterSites {
+        self.inner().adapter_sites()
+    }
+    fn adapter_sites_mut(&mut self) -> &mut AdapterSites {
+        self.inner_mut().adapter_sites_mut()
+    }
+    fn forward_logits(&self, batch: &LmBatch, mode: ForwardMode) -> Result<Tensor> {
+        self.inner().forward_logits(batch, mode)
+    }
+    fn label_logits(&self, batch: &LmBatch, mode: ForwardMode) -> Result<LabelLogits> {
+        self.inner().label_logits(batch, mode)
+    }
+    fn loss(&self, batch: &LmBatch, mode: ForwardMode) -> Result<Tensor> {
+        self.inner().loss(batch, mode)
+    }
+    fn generate(&self, prompts: &[Vec<u32>], opts: &GenerateOptions) -> Result<Vec<Vec<u32>>> {
+        self.inner().generate(prompts, opts)
+    }
+    fn score(&self, prompt: &[u32], candidates: &[Vec<u32>]) -> Result<Vec<f64>> {
+        self.inner().score(prompt, candidates)
+    }
 }

@@ -264,3 +264,41 @@ fn bad_batches_and_prompts_are_errors_not_panics() {
         .to_string();
     assert!(e.contains("source 1"), "{e}");
 }
+
+#[test]
+fn any_model_loader_routes_t5_folders_and_generates_from_text() {
+    // what `nlora generate --model FOLDER --prompt TEXT` does
+    use nlora_model::tokenizer::TextTokenizer;
+    use nlora_model::{load_any_model, AnyModel, GenerateOptions};
+    let folder = fixture("t5_v10/model");
+    let model = load_any_model(&folder, DType::F32, &Device::Cpu).unwrap();
+    assert!(matches!(model, AnyModel::T5(_)) && model.is_encoder_decoder());
+    let tokenizer = TextTokenizer::from_path(&folder).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("t5_v10/expected.json")).unwrap())
+            .unwrap();
+    let eos = model.eos_token_id().unwrap();
+    assert_eq!(Some(eos), tokenizer.eos_id());
+    let opts = GenerateOptions {
+        max_new_tokens: 10,
+        eos_token_ids: vec![eos],
+        pad_token_id: tokenizer.pad_id().unwrap(),
+    };
+    for (i, source) in meta["sources"].as_array().unwrap().iter().enumerate() {
+        let prompt = tokenizer.encode(source.as_str().unwrap()).unwrap();
+        let expected_prompt: Vec<u32> = meta["prompts"][i]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(prompt, expected_prompt);
+        let new = model.generate(&[prompt], &opts).unwrap().pop().unwrap();
+        let text = tokenizer.decode(&new, true).unwrap();
+        assert_eq!(text, meta["decoded_without_adapter"][i].as_str().unwrap());
+    }
+
+    // a LLaMA-family folder still loads as one
+    let m = load_any_model(fixture("llama_tiny/model"), DType::F32, &Device::Cpu).unwrap();
+    assert!(matches!(m, AnyModel::Llama(_)) && !m.is_encoder_decoder());
+}
