@@ -302,3 +302,36 @@ fn any_model_loader_routes_t5_folders_and_generates_from_text() {
     let m = load_any_model(fixture("llama_tiny/model"), DType::F32, &Device::Cpu).unwrap();
     assert!(matches!(m, AnyModel::Llama(_)) && !m.is_encoder_decoder());
 }
+
+#[test]
+fn shared_embedding_falls_back_to_the_encoder_copy() {
+    // v1.0 fixture: encoder/decoder.embed_tokens.weight are copies of shared.weight
+    let dir = edited_copy(
+        "t5_v10",
+        |t| {
+            t.remove("shared.weight");
+        },
+        |_| {},
+    );
+    let from_copy = load_t5_folder(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    let original = load_t5_folder(fixture("t5_v10/model"), DType::F32, &Device::Cpu).unwrap();
+    let d = (logits(&from_copy) - logits(&original))
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(d, 0.0);
+    // without any embedding the error names shared.weight
+    let dir = edited_copy(
+        "t5_v11",
+        |t| {
+            t.remove("shared.weight");
+        },
+        |_| {},
+    );
+    let e = load_err(dir.path());
+    assert!(e.contains("shared.weight") && e.contains("missing"), "{e}");
+}

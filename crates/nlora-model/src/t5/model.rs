@@ -406,7 +406,7 @@ impl WeightSource {
     }
 }
 
-pub(crate) fn mask_value(dtype: DType) -> f64 {
+fn mask_value(dtype: DType) -> f64 {
     match dtype {
         DType::F64 => f64::MIN,
         _ => f32::MIN as f64,
@@ -453,17 +453,14 @@ impl T5 {
             };
 
         // One embedding for both stacks; old checkpoints also carry copies.
-        let shared = match w.tensors.remove("shared.weight") {
-            Some(t) => w.fit("shared.weight", t, &[vocab, d])?,
-            None => w
-                .take("encoder.embed_tokens.weight", &[vocab, d])
-                .map_err(|_| ModelError::Tensor {
-                    name: "shared.weight".into(),
-                    message:
-                        "missing from the checkpoint (nor is there encoder.embed_tokens.weight)"
-                            .into(),
-                })?,
+        let shared_name = if !w.tensors.contains_key("shared.weight")
+            && w.tensors.contains_key("encoder.embed_tokens.weight")
+        {
+            "encoder.embed_tokens.weight"
+        } else {
+            "shared.weight"
         };
+        let shared = w.take(shared_name, &[vocab, d])?;
         for copy in ["encoder.embed_tokens.weight", "decoder.embed_tokens.weight"] {
             if let Some(t) = w.tensors.remove(copy) {
                 let t = w.fit(copy, t, &[vocab, d])?;
