@@ -197,7 +197,8 @@ struct DecoderLayer {
     mlp: Mlp,
 }
 
-/// The LLaMA-family causal language model.
+/// The LLaMA-family causal language model. A clone shares the tensors, the
+/// current adapters' variables included (training one trains the other).
 #[derive(Debug, Clone)]
 pub struct Llama {
     config: LlamaConfig,
