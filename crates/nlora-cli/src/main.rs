@@ -1,6 +1,7 @@
 //! `nlora`: continual learning of language models with LoRA adapters (N-LoRA and baselines).
 use clap::{Parser, Subcommand};
 
+mod data;
 mod generate;
 
 #[derive(Parser)]
@@ -12,8 +13,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print the paper's task orders.
-    Orders,
+    /// The CL benchmark: validate it and show per-task statistics (`data check`), list the orders.
+    Data(data::DataArgs),
     /// Greedy continuation of a prompt by a base model (GGUF file or Hugging Face folder).
     Generate(generate::GenerateArgs),
 }
@@ -21,7 +22,7 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Orders => println!("coming with the data issue"),
+        Command::Data(args) => data::data(args)?,
         Command::Generate(args) => generate::generate(args)?,
     }
     Ok(())

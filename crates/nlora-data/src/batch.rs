@@ -42,25 +42,25 @@ use crate::error::{DataError, Result};
 use crate::prompt::PromptedExample;
 
 /// What the batching needs from a tokenizer: ids of a text, no special
-/// tokens added. Implemented for [`tokenizers::Tokenizer`].
-pub trait TextTokenizer {
+/// tokens added. Implemented for [`tokenizers::Tokenizer`] (nlora-model's
+/// tokenizer hands one out through `inner()`). Named apart from
+/// `Tokenizer::encode` so that importing it shadows nothing.
+pub trait PlainTokenizer {
     /// Token ids of `text` without special tokens (no BOS, no EOS).
-    fn encode(&self, text: &str) -> Result<Vec<u32>>;
+    fn encode_plain(&self, text: &str) -> Result<Vec<u32>>;
 }
 
-impl TextTokenizer for tokenizers::Tokenizer {
-    fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        // Through Deref: the inherent `encode` of the inner TokenizerImpl, not this trait.
-        std::ops::Deref::deref(self)
-            .encode(text, false)
+impl PlainTokenizer for tokenizers::Tokenizer {
+    fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode(text, false)
             .map(|e| e.get_ids().to_vec())
             .map_err(|e| DataError::Tokenizer(format!("cannot encode text: {e}")))
     }
 }
 
-impl<T: TextTokenizer + ?Sized> TextTokenizer for &T {
-    fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        (**self).encode(text)
+impl<T: PlainTokenizer + ?Sized> PlainTokenizer for &T {
+    fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        (**self).encode_plain(text)
     }
 }
 
@@ -129,7 +129,7 @@ pub struct EncodedExample {
     /// Label ids, no special tokens.
     pub label: Vec<u32>,
     /// The label text (the reference answer for exact match).
-    pub label_text: String,
+    pub answer: String,
     /// How many prompt tokens truncation removed (0 when it fitted).
     pub truncated: usize,
 }
@@ -164,13 +164,20 @@ pub struct DecoderBatch {
     pub padding: PaddingSide,
     /// Tokens of BOS + prompt per row.
     pub prompt_lens: Vec<usize>,
-    /// Reference answers per row.
-    pub labels: Vec<String>,
+    /// Reference answers (label strings) per row, for exact match.
+    pub answers: Vec<String>,
     /// Task per row.
     pub tasks: Vec<String>,
 }
 
 impl DecoderBatch {
+    /// Hugging Face style `labels`, aligned with `input_ids`: the token id
+    /// where `loss_mask` is 1, `ignore_index` (PyTorch: -100) elsewhere. The
+    /// model shifts them (logits at t - 1 predict labels at t).
+    pub fn loss_labels(&self, ignore_index: i64) -> Vec<i64> {
+        masked_labels(&self.input_ids, &self.loss_mask, ignore_index)
+    }
+
     /// Row `i` of `input_ids`.
     pub fn row(&self, i: usize) -> &[u32] {
         &self.input_ids[i * self.seq_len..(i + 1) * self.seq_len]
@@ -206,29 +213,44 @@ pub struct Seq2SeqBatch {
     pub target_mask: Vec<u8>,
     /// `decoder_start + target_ids[..-1]`, right-padded with `pad`.
     pub decoder_input_ids: Vec<u32>,
-    /// Reference answers per row.
-    pub labels: Vec<String>,
+    /// Reference answers (label strings) per row, for exact match.
+    pub answers: Vec<String>,
     /// Task per row.
     pub tasks: Vec<String>,
 }
 
+impl Seq2SeqBatch {
+    /// Hugging Face style `labels` `[batch_size, target_len]`: target ids,
+    /// `ignore_index` (PyTorch: -100) on padding.
+    pub fn loss_labels(&self, ignore_index: i64) -> Vec<i64> {
+        masked_labels(&self.target_ids, &self.target_mask, ignore_index)
+    }
+}
+
+fn masked_labels(ids: &[u32], mask: &[u8], ignore_index: i64) -> Vec<i64> {
+    ids.iter()
+        .zip(mask)
+        .map(|(&id, &m)| if m == 1 { i64::from(id) } else { ignore_index })
+        .collect()
+}
+
 /// Prompt ids within `budget` tokens, and how many were dropped.
-fn encode_prompt<T: TextTokenizer + ?Sized>(
+fn encode_prompt<T: PlainTokenizer + ?Sized>(
     tokenizer: &T,
     example: &PromptedExample,
     budget: usize,
     truncation: Truncation,
 ) -> Result<(Vec<u32>, usize)> {
-    let whole = tokenizer.encode(&example.text)?;
+    let whole = tokenizer.encode_plain(&example.text)?;
     if whole.len() <= budget {
         return Ok((whole, 0));
     }
     match truncation {
         Truncation::SourceTail => Ok((whole[..budget].to_vec(), whole.len() - budget)),
         Truncation::Sentence => {
-            let mut ids = tokenizer.encode(example.head())?;
-            let sentence = tokenizer.encode(example.sentence_text())?;
-            let tail = tokenizer.encode(example.tail())?;
+            let mut ids = tokenizer.encode_plain(example.head())?;
+            let sentence = tokenizer.encode_plain(example.sentence_text())?;
+            let tail = tokenizer.encode_plain(example.tail())?;
             let fixed = ids.len() + tail.len();
             if fixed >= budget {
                 return Err(DataError::Tokenizer(format!(
@@ -246,12 +268,12 @@ fn encode_prompt<T: TextTokenizer + ?Sized>(
     }
 }
 
-fn encode_label<T: TextTokenizer + ?Sized>(
+fn encode_label<T: PlainTokenizer + ?Sized>(
     tokenizer: &T,
     example: &PromptedExample,
     max_target_len: usize,
 ) -> Result<Vec<u32>> {
-    let label = tokenizer.encode(&example.label)?;
+    let label = tokenizer.encode_plain(&example.label)?;
     if label.is_empty() {
         return Err(DataError::Tokenizer(format!(
             "task {}: label {:?} encodes to no tokens",
@@ -289,7 +311,7 @@ pub struct DecoderBatcher<'t, T: ?Sized> {
     config: BatchConfig,
 }
 
-impl<'t, T: TextTokenizer + ?Sized> DecoderBatcher<'t, T> {
+impl<'t, T: PlainTokenizer + ?Sized> DecoderBatcher<'t, T> {
     /// A batcher with the model's special ids and the limits.
     pub fn new(tokenizer: &'t T, special: SpecialTokens, config: BatchConfig) -> Self {
         DecoderBatcher {
@@ -324,7 +346,7 @@ impl<'t, T: TextTokenizer + ?Sized> DecoderBatcher<'t, T> {
             task: example.task.clone(),
             prompt,
             label,
-            label_text: example.label.clone(),
+            answer: example.label.clone(),
             truncated,
         })
     }
@@ -408,7 +430,7 @@ impl<'t, T: TextTokenizer + ?Sized> DecoderBatcher<'t, T> {
             position_ids,
             padding,
             prompt_lens,
-            labels: items.iter().map(|e| e.label_text.clone()).collect(),
+            answers: items.iter().map(|e| e.answer.clone()).collect(),
             tasks: items.iter().map(|e| e.task.clone()).collect(),
         }
     }
@@ -422,7 +444,7 @@ pub struct Seq2SeqBatcher<'t, T: ?Sized> {
     config: BatchConfig,
 }
 
-impl<'t, T: TextTokenizer + ?Sized> Seq2SeqBatcher<'t, T> {
+impl<'t, T: PlainTokenizer + ?Sized> Seq2SeqBatcher<'t, T> {
     /// A batcher with the model's special ids and the limits.
     pub fn new(tokenizer: &'t T, special: Seq2SeqTokens, config: BatchConfig) -> Self {
         Seq2SeqBatcher {
@@ -452,7 +474,7 @@ impl<'t, T: TextTokenizer + ?Sized> Seq2SeqBatcher<'t, T> {
             task: example.task.clone(),
             prompt,
             label,
-            label_text: example.label.clone(),
+            answer: example.label.clone(),
             truncated,
         })
     }
@@ -500,7 +522,7 @@ impl<'t, T: TextTokenizer + ?Sized> Seq2SeqBatcher<'t, T> {
             target_ids,
             target_mask,
             decoder_input_ids,
-            labels: items.iter().map(|e| e.label_text.clone()).collect(),
+            answers: items.iter().map(|e| e.answer.clone()).collect(),
             tasks: items.iter().map(|e| e.task.clone()).collect(),
         })
     }

@@ -48,8 +48,8 @@ pub mod scoring;
 pub mod summary;
 
 pub use batch::{
-    BatchConfig, DecoderBatch, DecoderBatcher, EncodedExample, PaddingSide, Seq2SeqBatch,
-    Seq2SeqBatcher, Seq2SeqTokens, SpecialTokens, TextTokenizer, Truncation,
+    BatchConfig, DecoderBatch, DecoderBatcher, EncodedExample, PaddingSide, PlainTokenizer,
+    Seq2SeqBatch, Seq2SeqBatcher, Seq2SeqTokens, SpecialTokens, Truncation,
 };
 pub use benchmark::{
     resolve_data_dir, resolve_data_dir_with, Benchmark, Example, LoadOptions, NoGoldLabel, Split,
@@ -62,6 +62,6 @@ pub use prompt::{PromptStyle, PromptTemplate, PromptedExample, ANSWER_PREFIX};
 pub use sampling::{sample_task, SampledTask, SamplingConfig};
 pub use scoring::{exact_match, normalize_answer};
 pub use summary::{summarize, SplitSummary, TaskSummary};
-/// The tokenizers crate, re-exported so users build a [`TextTokenizer`]
+/// The tokenizers crate, re-exported so users build a [`PlainTokenizer`]
 /// without a second dependency on it.
 pub use tokenizers;

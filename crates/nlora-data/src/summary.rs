@@ -1,7 +1,7 @@
 //! Per-task statistics for `nlora data check`.
 use serde::Serialize;
 
-use crate::batch::TextTokenizer;
+use crate::batch::PlainTokenizer;
 use crate::benchmark::{Split, Task, TaskType, NO_GOLD_LABEL};
 use crate::error::Result;
 use crate::prompt::PromptTemplate;
@@ -49,7 +49,7 @@ pub struct TaskSummary {
 pub fn summarize(
     task: &Task,
     template: &PromptTemplate,
-    tokenizer: Option<&dyn TextTokenizer>,
+    tokenizer: Option<&dyn PlainTokenizer>,
 ) -> Result<TaskSummary> {
     let mut splits = Vec::new();
     let mut notes = Vec::new();
@@ -73,7 +73,7 @@ pub fn summarize(
             chars_total += chars;
             chars_max = chars_max.max(chars);
             if let Some(tok) = tokenizer {
-                let n = tok.encode(&prompt)?.len();
+                let n = tok.encode_plain(&prompt)?.len();
                 tokens_total += n;
                 tokens_max = tokens_max.max(n);
             }
