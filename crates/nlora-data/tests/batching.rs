@@ -300,3 +300,78 @@ fn seq2seq_batches_append_eos_to_source_and_target_and_shift_the_decoder_input()
         assert_eq!(hf[m - 1], special.eos as i64);
     }
 }
+
+/// A T5-style tokenizer: Unigram over characters and "▁word" pieces,
+/// Metaspace pre-tokenizer, and the `$A </s>` post-processor of T5.
+fn t5_style(corpus: &[String]) -> Tokenizer {
+    use nlora_data::tokenizers::models::unigram::Unigram;
+    use nlora_data::tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
+    use nlora_data::tokenizers::processors::template::TemplateProcessing;
+    let mut vocab: Vec<(String, f64)> = vec![
+        ("<pad>".into(), 0.0),
+        ("</s>".into(), 0.0),
+        ("<unk>".into(), 0.0),
+        ("▁".into(), -2.0),
+    ];
+    let mut seen = std::collections::BTreeSet::new();
+    for text in corpus {
+        for c in text.chars().filter(|c| !c.is_whitespace()) {
+            seen.insert(c.to_string());
+        }
+        for w in text.split_whitespace().take(40) {
+            seen.insert(format!("▁{w}"));
+        }
+    }
+    vocab.extend(seen.into_iter().map(|p| {
+        let score = if p.starts_with('▁') { -1.0 } else { -5.0 };
+        (p, score)
+    }));
+    let mut tok = Tokenizer::new(Unigram::from(vocab, Some(2), false).unwrap());
+    tok.with_pre_tokenizer(Some(Metaspace::new('▁', PrependScheme::Always, true)));
+    tok.with_post_processor(Some(
+        TemplateProcessing::builder()
+            .try_single("$A </s>")
+            .unwrap()
+            .special_tokens(vec![("</s>", 1)])
+            .build()
+            .unwrap(),
+    ));
+    tok
+}
+
+#[test]
+fn seq2seq_source_and_target_equal_what_a_t5_tokenizer_gives_with_its_eos() {
+    let f = fixture();
+    let corpus: Vec<String> = f
+        .examples
+        .iter()
+        .map(|e| format!("{} {}", e.text, e.label))
+        .collect();
+    let tok = t5_style(&corpus);
+    let special = Seq2SeqTokens {
+        eos: 1,
+        pad: 0,
+        decoder_start: 0,
+    };
+    let batcher = Seq2SeqBatcher::new(&tok, special, BatchConfig::default());
+    for e in &f.examples {
+        let enc = batcher.encode(e).unwrap();
+        assert_eq!(enc.truncated, 0);
+        let batch = batcher.batch([&enc]).unwrap();
+        // With the post-processor (add_special_tokens = true), as the
+        // reference's `tokenizer(source)` / `tokenizer(labels)` calls do.
+        let hf_source = tok
+            .encode(e.text.as_str(), true)
+            .unwrap()
+            .get_ids()
+            .to_vec();
+        let hf_target = tok
+            .encode(e.label.as_str(), true)
+            .unwrap()
+            .get_ids()
+            .to_vec();
+        assert_eq!(hf_source.last(), Some(&1));
+        assert_eq!(batch.input_ids, hf_source);
+        assert_eq!(batch.target_ids, hf_target);
+    }
+}
