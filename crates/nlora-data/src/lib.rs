@@ -37,6 +37,12 @@
 //!   reference does.
 //! * Subsets are seeded stratified samples; the reference takes the first
 //!   `max_num_instances` records of each file.
+//! * Decoder-only training rows are `BOS + prompt ids + label ids + EOS`,
+//!   right-padded, the label tokenised on its own (REFERENCE.md). The
+//!   reference collator left-pads and re-tokenises the joined string
+//!   prompt + label, which can merge tokens across the boundary; its loss
+//!   mask is then counted from the separate tokenisation. Not an option:
+//!   padding side and the boundary do not change what is learned.
 pub mod batch;
 pub mod benchmark;
 pub mod error;
