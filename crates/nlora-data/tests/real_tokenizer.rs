@@ -84,3 +84,24 @@ fn smollm2_label_masks_decode_to_label_and_eos_for_every_task_type() {
         }
     }
 }
+
+/// The reference re-tokenises prompt + label as one string; nlora appends
+/// the label's own ids. For SmolLM2 these are the same ids on every task.
+#[test]
+fn smollm2_joined_and_separate_label_tokenisation_agree_on_every_task() {
+    let tok = TextTokenizer::from_path(model_path()).unwrap();
+    let bench = common::benchmark();
+    for info in bench.tasks() {
+        let task = nlora_data::Task::load(info, &LoadOptions::default()).unwrap();
+        let template =
+            PromptTemplate::for_task(&task, bench.instructions(), PromptStyle::default()).unwrap();
+        for label in &task.labels {
+            let e = task.train.iter().find(|e| &e.label == label).unwrap();
+            let prompt = template.render(&e.sentence);
+            let mut separate = tok.encode_plain(&prompt).unwrap();
+            separate.extend(tok.encode_plain(label).unwrap());
+            let joined = tok.encode_plain(&format!("{prompt}{label}")).unwrap();
+            assert_eq!(joined, separate, "{} label {label:?}", task.name);
+        }
+    }
+}
