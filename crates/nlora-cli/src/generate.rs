@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Args;
 use nlora_model::tokenizer::TextTokenizer;
-use nlora_model::{load_model, GenerateOptions, LanguageModel};
+use nlora_model::{load_any_model, GenerateOptions, LanguageModel};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -30,7 +30,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     let device = Device::Cpu;
     let start = Instant::now();
     // The model first: its loader says best what is wrong with a path.
-    let model = load_model(&args.model, &device)
+    let model = load_any_model(&args.model, candle_core::DType::F32, &device)
         .with_context(|| format!("loading the model {}", args.model.display()))?;
     let model_secs = start.elapsed().as_secs_f64();
     let start = Instant::now();
@@ -48,7 +48,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     }
     let eos = tokenizer
         .eos_id()
-        .or(model.config().eos_token_id)
+        .or(model.eos_token_id())
         .context("the model names no EOS token (tokenizer or config)")?;
     let opts = GenerateOptions {
         max_new_tokens: args.max_new_tokens,
