@@ -274,5 +274,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     f.write_all(bytes).map_err(io(tmp.clone()))?;
     f.sync_all().map_err(io(tmp.clone()))?;
     drop(f);
-    std::fs::rename(&tmp, path).map_err(io(path.to_path_buf()))
+    std::fs::rename(&tmp, path).map_err(io(path.to_path_buf()))?;
+    // The rename must reach the disk too before the file counts as written.
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
 }

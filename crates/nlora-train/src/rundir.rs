@@ -2,7 +2,6 @@
 //! config, every task's adapters (PEFT format), the accuracy matrices, the
 //! results, the log and the resume point. Every file is written atomically.
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -10,24 +9,16 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Result, TrainError};
 
 /// Writes `bytes` to `path` through a temporary file in the same directory,
-/// fsynced and renamed over the target: a crash leaves the old file or the
-/// new one, never half of either.
+/// renamed over the target: a crash leaves the old file or the new one, never
+/// half of either. (One implementation, shared with the PEFT writer.)
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
-    let err = |e: std::io::Error| TrainError::File {
-        path: path.to_path_buf(),
-        message: format!("cannot write: {e}"),
-    };
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    fs::create_dir_all(dir).map_err(err)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(err)?;
-    tmp.write_all(bytes).map_err(err)?;
-    tmp.as_file().sync_all().map_err(err)?;
-    tmp.persist(path).map_err(|e| err(e.error))?;
-    // The rename itself must reach the disk before we call the file written.
-    if let Ok(d) = fs::File::open(dir) {
-        let _ = d.sync_all();
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir).map_err(|e| TrainError::File {
+            path: dir.to_path_buf(),
+            message: format!("cannot create the directory: {e}"),
+        })?;
     }
-    Ok(())
+    Ok(nlora_adapter::peft::write_atomic(path, bytes)?)
 }
 
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
