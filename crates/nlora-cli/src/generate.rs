@@ -21,6 +21,14 @@ pub struct GenerateArgs {
     /// Most tokens to generate; generation also stops at the model's EOS.
     #[arg(long, default_value_t = 32)]
     pub max_new_tokens: usize,
+    /// A PEFT adapter folder (e.g. a run's task-K-NAME) applied on the base
+    /// model; repeat it to stack several, in order (an IncLoRA-style history).
+    #[arg(long)]
+    pub adapter: Vec<PathBuf>,
+    /// Also write the logits at the prompt's last position to this JSON file
+    /// (for parity checks against Python PEFT: scripts/peft_interop.py).
+    #[arg(long)]
+    pub logits_out: Option<PathBuf>,
 }
 
 pub fn generate(args: GenerateArgs) -> Result<()> {
@@ -30,8 +38,16 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     let device = Device::Cpu;
     let start = Instant::now();
     // The model first: its loader says best what is wrong with a path.
-    let model = load_any_model(&args.model, candle_core::DType::F32, &device)
+    let mut model = load_any_model(&args.model, candle_core::DType::F32, &device)
         .with_context(|| format!("loading the model {}", args.model.display()))?;
+    for dir in &args.adapter {
+        let adapter = nlora_adapter::PeftAdapter::load(dir, &device)
+            .with_context(|| format!("loading the adapter {}", dir.display()))?;
+        model
+            .adapter_sites_mut()
+            .push_history_from_peft(&adapter)
+            .with_context(|| format!("applying the adapter {}", dir.display()))?;
+    }
     let model_secs = start.elapsed().as_secs_f64();
     let start = Instant::now();
     let tokenizer = TextTokenizer::from_path(&args.model)
@@ -55,6 +71,19 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         eos_token_ids: vec![eos],
         pad_token_id: tokenizer.pad_id().unwrap_or(eos),
     };
+    if let Some(path) = &args.logits_out {
+        let n = prompt.len();
+        let batch = nlora_model::LmBatch::new(
+            candle_core::Tensor::from_vec(prompt.clone(), (1, n), &device)?,
+            candle_core::Tensor::ones((1, n), candle_core::DType::U32, &device)?,
+            candle_core::Tensor::full(nlora_model::IGNORE_INDEX, (1, n), &device)?,
+        )?;
+        let logits = model.forward_logits(&batch, nlora_adapter::ForwardMode::Inference)?;
+        let last: Vec<f32> = logits.get(0)?.get(n - 1)?.to_vec1()?;
+        let json = serde_json::json!({ "prompt_ids": prompt, "last_logits": last });
+        std::fs::write(path, json.to_string())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
     let start = Instant::now();
     let new = model
         .generate(std::slice::from_ref(&prompt), &opts)?
