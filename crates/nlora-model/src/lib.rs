@@ -1,4 +1,5 @@
 //! Models written for training with LoRA adapter sites, their loaders and tokenizers.
+mod config_io;
 pub mod error;
 pub mod gguf;
 pub mod llama;

@@ -75,14 +75,7 @@ fn in_checkpoint(e: ModelError, path: &Path) -> ModelError {
 /// Reads a LLaMA-family `config.json`, checking `model_type` and refusing
 /// the options this code does not implement rather than ignoring them.
 pub fn read_hf_config(path: &Path) -> Result<LlamaConfig> {
-    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let mut v: Value = serde_json::from_str(&text).map_err(|e| ModelError::BadFile {
-        path: path.to_path_buf(),
-        message: format!("not valid JSON: {e}"),
-    })?;
+    let mut v = crate::config_io::read_json_file(path)?;
     let field_err = |field: &str, message: String| ModelError::BadField {
         path: path.to_path_buf(),
         field: field.into(),

@@ -237,12 +237,7 @@ impl WeightSource {
     }
 }
 
-fn mask_value(dtype: DType) -> f64 {
-    match dtype {
-        DType::F64 => f64::MIN,
-        _ => f32::MIN as f64,
-    }
-}
+use crate::config_io::mask_value;
 
 impl Llama {
     /// Builds the model from Hugging Face-named tensors

@@ -113,14 +113,7 @@ fn relu() -> String {
 impl T5Config {
     /// Reads `config.json`, checking `model_type` and the fields this code needs.
     pub fn from_json_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let mut v: Value = serde_json::from_str(&text).map_err(|e| ModelError::BadFile {
-            path: path.to_path_buf(),
-            message: format!("not valid JSON: {e}"),
-        })?;
+        let mut v = crate::config_io::read_json_file(path)?;
         let field_err = |field: &str, message: String| ModelError::BadField {
             path: path.to_path_buf(),
             field: field.into(),
