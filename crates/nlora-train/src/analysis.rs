@@ -14,7 +14,7 @@ use nlora_adapter::PeftAdapter;
 use nlora_math::metrics::{
     geometry, CollisionThreshold, GeometrySummary, LowRankUpdate, SiteHistory,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
 use crate::rundir::{read_json, write_json, Results, RunDir};
@@ -23,7 +23,7 @@ use crate::rundir::{read_json, write_json, Results, RunDir};
 /// the collision figures depend on the (unstated in the paper) threshold.
 pub const SENSITIVITY_FRACTIONS: [f64; 4] = [1e-3, 1e-2, 5e-2, 1e-1];
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SiteMetrics {
     pub site: String,
     pub orthogonal_overlap: f64,
@@ -34,7 +34,7 @@ pub struct SiteMetrics {
     pub average_collision_rate: Option<f64>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunMetrics {
     pub method: String,
     pub tasks: Vec<String>,
@@ -91,6 +91,17 @@ pub fn task_adapter_dirs(root: &Path, n: usize) -> Result<Vec<PathBuf>> {
     Ok(dirs)
 }
 
+/// Every site's per-task updates (with their alpha / r scale) from the run's
+/// task adapter folders, in task order; `n` is the number of stages the run
+/// should have (0: whatever is there).
+pub fn load_site_histories(root: &Path, n: usize) -> Result<Vec<SiteHistory>> {
+    let adapters = task_adapter_dirs(root, n)?
+        .iter()
+        .map(|d| Ok(PeftAdapter::load(d, &Device::Cpu)?))
+        .collect::<Result<Vec<_>>>()?;
+    site_histories(&adapters)
+}
+
 fn site_histories(adapters: &[PeftAdapter]) -> Result<Vec<SiteHistory>> {
     let first = &adapters[0];
     let mut out = Vec::new();
@@ -117,17 +128,12 @@ fn site_histories(adapters: &[PeftAdapter]) -> Result<Vec<SiteHistory>> {
 pub fn run_metrics(root: &Path, threshold: CollisionThreshold) -> Result<RunMetrics> {
     let rd = RunDir::new(root);
     let results: Results = read_json(&rd.results_json())?;
-    let dirs = task_adapter_dirs(root, results.accuracy_matrix.len())?;
-    let adapters = dirs
-        .iter()
-        .map(|d| Ok(PeftAdapter::load(d, &Device::Cpu)?))
-        .collect::<Result<Vec<_>>>()?;
-    let histories = site_histories(&adapters)?;
+    let histories = load_site_histories(root, results.accuracy_matrix.len())?;
     let summary: GeometrySummary = geometry(&histories, threshold)?;
     let mut sensitivity = Vec::new();
     for f in SENSITIVITY_FRACTIONS {
         let t = CollisionThreshold::RelativeToSiteMax(f);
-        let acr = if adapters.len() > 1 {
+        let acr = if histories.first().is_some_and(|h| h.tasks.len() > 1) {
             geometry(&histories, t)?.mean_average_collision_rate
         } else {
             None
