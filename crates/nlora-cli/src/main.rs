@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 mod data;
 mod generate;
+mod report;
 mod run;
 
 #[derive(Parser)]
@@ -33,6 +34,8 @@ enum Command {
     Data(data::DataArgs),
     /// Greedy continuation of a prompt by a base model (GGUF file or Hugging Face folder).
     Generate(generate::GenerateArgs),
+    /// The paper's tables and figures from run directories: report.html, report.md and PNGs.
+    Report(report::ReportArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
         Command::Metrics(args) => run::metrics(args, cli.verbose),
         Command::Generate(args) => generate::generate(args),
         Command::Data(args) => data::data(args),
+        Command::Report(args) => report::report(args),
         Command::Presets => {
             run::presets();
             Ok(())
