@@ -270,11 +270,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp).map_err(io(tmp.clone()))?;
-    f.write_all(bytes).map_err(io(tmp.clone()))?;
-    f.sync_all().map_err(io(tmp.clone()))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(io(path.to_path_buf()))?;
+    let written = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    })();
+    if let Err(e) = written {
+        // A failed write (a full disk) leaves no half-written temporary behind.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(path.to_path_buf())(e));
+    }
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io(path.to_path_buf())(e)
+    })?;
     // The rename must reach the disk too before the file counts as written.
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         if let Ok(d) = std::fs::File::open(dir) {

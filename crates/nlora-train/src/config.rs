@@ -182,10 +182,11 @@ pub enum Schedule {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum OnNonFinite {
-    /// Stop the run with a message naming the task, step and loss part.
+    /// Stop the run with a message naming the task, step and loss part (or
+    /// the variable whose gradient is non-finite), keeping the last checkpoint.
     #[default]
     Stop,
-    /// Skip the batch and go on.
+    /// Skip the batch and go on; results.json counts the skipped batches.
     Skip,
 }
 
@@ -325,6 +326,9 @@ impl MethodSection {
     }
 }
 
+/// Optimizer steps between mid-task checkpoints unless the config says.
+pub const DEFAULT_CHECKPOINT_EVERY: usize = 100;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainSection {
@@ -338,6 +342,8 @@ pub struct TrainSection {
     pub weight_decay: f64,
     pub clip_grad_norm: Option<f64>,
     /// Write a resume point every N optimiser steps (0: only at task ends).
+    /// A checkpoint holds the trainable adapters and AdamW's moments (a few
+    /// MB for SmolLM2's q/v at r = 8), so the default costs little.
     pub checkpoint_every: usize,
     pub on_nonfinite: OnNonFinite,
 }
@@ -353,7 +359,7 @@ impl Default for TrainSection {
             warmup_steps: 0,
             weight_decay: 0.0,
             clip_grad_norm: None,
-            checkpoint_every: 0,
+            checkpoint_every: DEFAULT_CHECKPOINT_EVERY,
             on_nonfinite: OnNonFinite::Stop,
         }
     }

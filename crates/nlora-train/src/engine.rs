@@ -13,13 +13,15 @@ use nlora_model::lm::LanguageModel;
 use nlora_model::tokenizer::TextTokenizer;
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::{remove_stale_temps, StageCheckpoint};
 use crate::config::RunConfig;
 use crate::error::{Result, TrainError};
 use crate::eval::{evaluate_task, EvalOptions};
+use crate::fault;
 use crate::method;
 use crate::rundir::{atomic_write, read_json, write_json, Results, RunDir};
 use crate::stream::load_stream;
-use crate::trainer::{train_stage, StageInput};
+use crate::trainer::{train_stage, StageInput, StageResume, StageStats};
 
 /// Where the model comes from when the config names none.
 pub const MODEL_ENV: &str = "NLORA_MODEL";
@@ -36,7 +38,9 @@ pub fn default_model_path() -> PathBuf {
     cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
-/// What survives a crash: written atomically after every stage.
+/// What survives a crash (state.json): written atomically after every
+/// stage, at every checkpoint, and when a stage's training ends. It names a
+/// checkpoint only once the checkpoint's files are all in place.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RunState {
     pub completed_stages: usize,
@@ -45,6 +49,36 @@ pub struct RunState {
     pub tokens_seen: Vec<u64>,
     pub train_seconds: Vec<f64>,
     pub eval_seconds: Vec<f64>,
+    /// Batches skipped per completed stage (`train.on_nonfinite = "skip"`).
+    #[serde(default)]
+    pub skipped_batches: Vec<usize>,
+    /// How far the stage after the completed ones got, if anywhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_progress: Option<InProgress>,
+}
+
+/// A resume point inside the stage after the completed ones.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum InProgress {
+    /// Training reached the checkpoint in `dir` (relative to the run dir).
+    Checkpoint { stage: usize, dir: String },
+    /// Training ended and the adapter is saved in the task's folder; the
+    /// evaluation after the stage is still to do.
+    Trained {
+        stage: usize,
+        tokens: u64,
+        train_seconds: f64,
+        skipped_batches: usize,
+    },
+}
+
+impl InProgress {
+    fn stage(&self) -> usize {
+        match self {
+            InProgress::Checkpoint { stage, .. } | InProgress::Trained { stage, .. } => *stage,
+        }
+    }
 }
 
 pub struct RunOptions {
@@ -108,6 +142,17 @@ pub fn run(cfg: RunConfig, data_dir: &Path, opts: &RunOptions) -> Result<Results
     let mut resolved = cfg.clone();
     resolved.model.path = Some(model_path.clone());
     resolved.data.dir = Some(data_dir.to_path_buf());
+    if model_path.is_dir() && nlora_model::t5::is_t5_folder(&model_path) {
+        if let Some(t5_names) = t5_target_modules(&cfg.model.target_modules) {
+            tracing::info!(
+                "T5 model: target modules {:?} read as T5's {:?}",
+                cfg.model.target_modules,
+                t5_names
+            );
+            resolved.model.target_modules = t5_names;
+        }
+    }
+    let cfg = if opts.resume { cfg } else { resolved.clone() };
     if !opts.resume {
         atomic_write(&rd.config(), resolved.to_toml().as_bytes())?;
     }
@@ -153,6 +198,19 @@ pub fn run(cfg: RunConfig, data_dir: &Path, opts: &RunOptions) -> Result<Results
             .expect("static template"),
     );
 
+    if opts.resume {
+        // Interrupted writes left temporaries; checkpoints that state.json
+        // does not name are incomplete (or superseded): neither is ever read.
+        for t in remove_stale_temps(&rd.root)? {
+            tracing::info!("removed an interrupted write: {}", t.display());
+        }
+        let keep = match &state.in_progress {
+            Some(InProgress::Checkpoint { dir, .. }) => Some(rd.root.join(dir)),
+            _ => None,
+        };
+        remove_checkpoints_except(&rd, keep.as_deref())?;
+    }
+
     let sites = model.adapter_sites_mut();
     for (s, _) in stages.iter().enumerate().take(state.completed_stages) {
         let dir = rd.task_adapter(s, &stage_name(&stream.tasks, &stages[s]));
@@ -167,23 +225,87 @@ pub fn run(cfg: RunConfig, data_dir: &Path, opts: &RunOptions) -> Result<Results
         let name = stage_name(&stream.tasks, stage_tasks);
         overall.set_message(format!("training {name}"));
         let t0 = Instant::now();
-        method.begin_stage(model.adapter_sites_mut(), s, &lora, cfg.seed)?;
-        let examples = stage_tasks
-            .iter()
-            .flat_map(|&t| stream.tasks[t].train.iter())
-            .collect();
-        let input = StageInput {
-            stage: s,
-            task_name: &name,
-            examples,
-            special: stream.special,
-        };
-        let stats = train_stage(&mut model, method.as_ref(), &cfg, &batcher, &input, &bar)?;
-        let train_secs = t0.elapsed().as_secs_f64();
-        // Save before end_stage: it may freeze or clear the current adapter.
         let adapter_dir = rd.task_adapter(s, &name);
-        model.adapter_sites().save_peft(&adapter_dir, &model_name)?;
-        method.end_stage(model.adapter_sites_mut(), s)?;
+        let pending = state.in_progress.clone().filter(|p| p.stage() == s);
+        let (stats, train_secs) = if let Some(InProgress::Trained {
+            tokens,
+            train_seconds,
+            skipped_batches,
+            ..
+        }) = pending
+        {
+            // Trained before the crash: the saved adapter is the stage's end.
+            let adapter = PeftAdapter::load(&adapter_dir, &device)?;
+            method.restore_stage(model.adapter_sites_mut(), s, &adapter)?;
+            tracing::info!(
+                "resumed: task {} trained, restored from {}; evaluating",
+                s + 1,
+                adapter_dir.display()
+            );
+            let stats = StageStats {
+                tokens,
+                skipped_batches,
+                ..Default::default()
+            };
+            (stats, train_seconds)
+        } else {
+            method.begin_stage(model.adapter_sites_mut(), s, &lora, cfg.seed)?;
+            let examples = stage_tasks
+                .iter()
+                .flat_map(|&t| stream.tasks[t].train.iter())
+                .collect();
+            let input = StageInput {
+                stage: s,
+                task_name: &name,
+                examples,
+                special: stream.special,
+            };
+            let resume_from = match &pending {
+                Some(InProgress::Checkpoint { dir, .. }) => {
+                    let dir = rd.root.join(dir);
+                    let ck = StageCheckpoint::read(&dir, &device)?;
+                    tracing::info!(
+                        "resumed: task {} from the checkpoint after step {} ({})",
+                        s + 1,
+                        ck.progress.steps,
+                        dir.display()
+                    );
+                    Some((ck, dir))
+                }
+                _ => None,
+            };
+            let mut sink = |ck: &StageCheckpoint| save_checkpoint(&rd, &state_path, &mut state, ck);
+            let stats = train_stage(
+                &mut model,
+                method.as_ref(),
+                &cfg,
+                &batcher,
+                &input,
+                &bar,
+                resume_from.as_ref().map(|(ck, dir)| StageResume {
+                    checkpoint: ck,
+                    dir,
+                }),
+                &mut sink,
+            )?;
+            let before = resume_from.map_or(0.0, |(ck, _)| ck.progress.train_seconds);
+            let secs = before + t0.elapsed().as_secs_f64();
+            // Save before end_stage: it may freeze or clear the current adapter.
+            model.adapter_sites().save_peft(&adapter_dir, &model_name)?;
+            // The task-end checkpoint: the adapter file is its whole content.
+            state.in_progress = Some(InProgress::Trained {
+                stage: s,
+                tokens: stats.tokens,
+                train_seconds: secs,
+                skipped_batches: stats.skipped_batches,
+            });
+            write_json(&state_path, &state)?;
+            // No checkpoint of the stage is needed any more.
+            remove_checkpoints_except(&rd, None)?;
+            fault::pause_at(&format!("trained:{}", s + 1));
+            method.end_stage(model.adapter_sites_mut(), s)?;
+            (stats, secs)
+        };
 
         overall.set_message(format!("evaluating after {name}"));
         let t1 = Instant::now();
@@ -199,6 +321,7 @@ pub fn run(cfg: RunConfig, data_dir: &Path, opts: &RunOptions) -> Result<Results
         let mut row = Vec::new();
         let mut row_rank = Vec::new();
         for (j, task) in stream.tasks.iter().enumerate() {
+            fault::pause_at(&format!("eval:{}:{}", s + 1, j + 1));
             method.before_eval(model.adapter_sites_mut(), s, j)?;
             let acc = evaluate_task(&model, &tokenizer, &stream.special, task, &eval_opts, |n| {
                 bar.inc(n as u64)
@@ -224,7 +347,10 @@ pub fn run(cfg: RunConfig, data_dir: &Path, opts: &RunOptions) -> Result<Results
         state.tokens_seen.push(stats.tokens);
         state.train_seconds.push(train_secs);
         state.eval_seconds.push(t1.elapsed().as_secs_f64());
+        state.skipped_batches.push(stats.skipped_batches);
+        state.in_progress = None;
         write_json(&state_path, &state)?;
+        remove_checkpoints_except(&rd, None)?;
         overall.inc(1);
         fault_pause(s + 1);
     }
@@ -252,9 +378,25 @@ pub fn run(cfg: RunConfig, data_dir: &Path, opts: &RunOptions) -> Result<Results
     Ok(results)
 }
 
+/// The presets name LLaMA's attention projections; on T5 the same
+/// projections are `q`, `k`, `v`, `o` (the paper adapts T5's q and v). Only a
+/// list made entirely of those four LLaMA names is translated.
+fn t5_target_modules(names: &[String]) -> Option<Vec<String>> {
+    names
+        .iter()
+        .map(|n| match n.as_str() {
+            "q_proj" => Some("q".to_string()),
+            "k_proj" => Some("k".to_string()),
+            "v_proj" => Some("v".to_string()),
+            "o_proj" => Some("o".to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Fault injection for the crash tests: with NLORA_FAULT_PAUSE_AFTER_STAGE=k
-/// the run stops for a while once stage k's resume point is on disk, so a
-/// test can kill it there deterministically.
+/// (or NLORA_FAULT_PAUSE_AT=stage:k) the run stops for a while once stage
+/// k's resume point is on disk, so a test can kill it there deterministically.
 fn fault_pause(done: usize) {
     let want = std::env::var("NLORA_FAULT_PAUSE_AFTER_STAGE")
         .ok()
@@ -262,6 +404,72 @@ fn fault_pause(done: usize) {
     if want == Some(done) {
         eprintln!("nlora: paused after stage {done} (NLORA_FAULT_PAUSE_AFTER_STAGE)");
         std::thread::sleep(std::time::Duration::from_secs(600));
+    }
+    fault::pause_at(&format!("stage:{done}"));
+}
+
+/// Writes a mid-stage checkpoint into its own folder, then points state.json
+/// at it, then drops the one it replaces: at every moment state.json names a
+/// complete checkpoint.
+fn save_checkpoint(
+    rd: &RunDir,
+    state_path: &Path,
+    state: &mut RunState,
+    ck: &StageCheckpoint,
+) -> Result<()> {
+    let rel = format!(
+        "checkpoint/task-{}-step-{}",
+        ck.progress.stage + 1,
+        ck.progress.steps
+    );
+    let dir = rd.root.join(&rel);
+    if dir.exists() {
+        // Left by a crash before state.json named it: never read, rewritten.
+        remove_dir(&dir)?;
+    }
+    ck.write(&dir)?;
+    let previous = state.in_progress.replace(InProgress::Checkpoint {
+        stage: ck.progress.stage,
+        dir: rel,
+    });
+    write_json(state_path, state)?;
+    tracing::debug!("checkpoint {}", dir.display());
+    remove_superseded(rd, previous.as_ref())
+}
+
+fn remove_superseded(rd: &RunDir, previous: Option<&InProgress>) -> Result<()> {
+    if let Some(InProgress::Checkpoint { dir, .. }) = previous {
+        remove_dir(&rd.root.join(dir))?;
+    }
+    Ok(())
+}
+
+/// Removes every checkpoint folder but `keep`.
+fn remove_checkpoints_except(rd: &RunDir, keep: Option<&Path>) -> Result<()> {
+    let root = rd.checkpoint();
+    let Ok(entries) = std::fs::read_dir(&root) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if Some(path.as_path()) != keep {
+            remove_dir(&path)?;
+        }
+    }
+    if keep.is_none() {
+        remove_dir(&root)?;
+    }
+    Ok(())
+}
+
+fn remove_dir(path: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(TrainError::File {
+            path: path.to_path_buf(),
+            message: format!("cannot remove this old checkpoint: {e}"),
+        }),
     }
 }
 
@@ -296,6 +504,11 @@ fn summarize(cfg: &RunConfig, tasks: &[String], state: &RunState) -> Result<Resu
         forgetting_rank: rank.map(|r| r.1),
         bwt_rank: rank.map(|r| r.2),
         tokens_seen: state.tokens_seen.clone(),
+        skipped_batches: if state.skipped_batches.iter().any(|&n| n > 0) {
+            state.skipped_batches.clone()
+        } else {
+            Vec::new()
+        },
     })
 }
 

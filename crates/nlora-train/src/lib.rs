@@ -1,11 +1,14 @@
 //! The continual-learning engine: configuration, methods, the task loop,
 //! evaluation and the run directory.
 pub mod analysis;
+pub mod checkpoint;
 pub mod config;
 pub mod engine;
 pub mod error;
 pub mod eval;
+pub mod fault;
 pub mod method;
+pub mod optim;
 pub mod presets;
 pub mod rundir;
 pub mod stream;

@@ -79,31 +79,96 @@ impl RunDir {
 
     /// Takes the run directory for this process. A live owner makes this fail;
     /// a lock left by a dead process is taken over.
+    ///
+    /// The lock file holds the owner's pid and start time (so a recycled pid
+    /// is not taken for the owner) and is created whole and exclusively: its
+    /// content is written to a temporary file that is then hard-linked to
+    /// `.lock`, which fails if another process got there first.
     pub fn acquire_lock(&self) -> Result<RunLock> {
         fs::create_dir_all(&self.root).map_err(|e| TrainError::RunDir {
             path: self.root.clone(),
             message: format!("cannot create: {e}"),
         })?;
         let path = self.lock();
-        if let Ok(text) = fs::read_to_string(&path) {
-            if let Ok(pid) = text.trim().parse::<u32>() {
-                if pid != std::process::id() && process_alive(pid) {
-                    return Err(TrainError::RunDir {
-                        path: self.root.clone(),
-                        message: format!(
-                            "in use by a running nlora process (pid {pid}); wait for it, or choose another --out"
-                        ),
-                    });
+        let me = std::process::id();
+        let tmp = self.root.join(format!(".lock.tmp-{me}"));
+        let content = format!("{me} {}\n", process_start_time(me).unwrap_or(0));
+        atomic_write(&tmp, content.as_bytes())?;
+        let result = (|| {
+            for _ in 0..3 {
+                match fs::hard_link(&tmp, &path) {
+                    Ok(()) => return Ok(RunLock { path: path.clone() }),
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(e) => {
+                        return Err(TrainError::RunDir {
+                            path: self.root.clone(),
+                            message: format!("cannot create the lock {}: {e}", path.display()),
+                        })
+                    }
+                }
+                let text = fs::read_to_string(&path).unwrap_or_default();
+                let mut parts = text.split_whitespace();
+                let pid = parts.next().and_then(|p| p.parse::<u32>().ok());
+                let start = parts.next().and_then(|p| p.parse::<u64>().ok());
+                if let Some(pid) = pid {
+                    if pid != me && owner_alive(pid, start) {
+                        return Err(TrainError::RunDir {
+                            path: self.root.clone(),
+                            message: format!(
+                                "in use by a running nlora process (pid {pid}); wait for it to end, or choose another --out"
+                            ),
+                        });
+                    }
+                }
+                tracing::warn!(
+                    "run dir {}: taking over the lock of a process that is gone ({})",
+                    self.root.display(),
+                    text.trim()
+                );
+                match fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(TrainError::RunDir {
+                            path: self.root.clone(),
+                            message: format!(
+                                "cannot remove the stale lock {}: {e}",
+                                path.display()
+                            ),
+                        })
+                    }
                 }
             }
-        }
-        atomic_write(&path, std::process::id().to_string().as_bytes())?;
-        Ok(RunLock { path })
+            Err(TrainError::RunDir {
+                path: self.root.clone(),
+                message:
+                    "another process keeps taking the lock; is a second nlora run starting here?"
+                        .into(),
+            })
+        })();
+        let _ = fs::remove_file(&tmp);
+        result
     }
 }
 
-fn process_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+/// Whether the process that wrote a lock is alive: its pid exists and, when
+/// the lock recorded one, it has the same start time (not a recycled pid).
+fn owner_alive(pid: u32, start: Option<u64>) -> bool {
+    if !Path::new(&format!("/proc/{pid}")).exists() {
+        return false;
+    }
+    match (start, process_start_time(pid)) {
+        (Some(recorded), Some(now)) if recorded != 0 => recorded == now,
+        _ => true,
+    }
+}
+
+/// A process's start time in clock ticks since boot (/proc/PID/stat field 22).
+fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; fields resume after its ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// Removes the lock when the run ends (also on error).
@@ -140,6 +205,10 @@ pub struct Results {
     /// Training tokens seen per stage (wall times are in timings.json, so
     /// that results.json is identical for identical runs).
     pub tokens_seen: Vec<u64>,
+    /// Batches skipped per stage for a non-finite loss or gradient
+    /// (`train.on_nonfinite = "skip"`); absent when none was.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped_batches: Vec<usize>,
 }
 
 impl Results {
@@ -203,5 +272,32 @@ mod tests {
         assert!(rd.lock().exists());
         drop(lock);
         assert!(!rd.lock().exists());
+    }
+
+    #[test]
+    fn lock_records_start_time_so_a_recycled_pid_is_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let rd = RunDir::new(dir.path());
+        let start = process_start_time(1).expect("/proc/1/stat");
+        // pid 1 with its own start time: the owner is alive.
+        fs::write(rd.lock(), format!("1 {start}\n")).unwrap();
+        assert!(rd.acquire_lock().is_err());
+        // pid 1 with another start time: the owner died, the pid was reused.
+        fs::write(rd.lock(), format!("1 {}\n", start + 1)).unwrap();
+        let lock = rd.acquire_lock().unwrap();
+        let text = fs::read_to_string(rd.lock()).unwrap();
+        let me = std::process::id();
+        assert_eq!(
+            text,
+            format!("{me} {}\n", process_start_time(me).unwrap()),
+            "the lock names its new owner"
+        );
+        drop(lock);
+        // No temporary files are left.
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(names.is_empty(), "{names:?}");
     }
 }

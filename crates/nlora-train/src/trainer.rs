@@ -1,9 +1,12 @@
 //! One training stage: AdamW on the trainable adapters only, over the stage's
 //! examples for the configured epochs, with gradient accumulation, optional
-//! clipping and schedule, and a stop (or skip) on a non-finite loss.
+//! clipping and schedule, checkpoints every N steps, and a stop (or skip) on
+//! a non-finite loss or gradient.
+use std::collections::HashMap;
+use std::path::Path;
+
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use indicatif::ProgressBar;
 use nlora_adapter::ForwardMode;
 use nlora_data::{DecoderBatcher, EncodedExample, SpecialTokens};
@@ -11,9 +14,12 @@ use nlora_model::lm::{LanguageModel, LmBatch, IGNORE_INDEX};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
+use crate::checkpoint::{named_trainable, restore_params, StageCheckpoint, StageProgress};
 use crate::config::{OnNonFinite, RunConfig, Schedule};
 use crate::error::{Result, TrainError};
+use crate::fault::{self, NanPart};
 use crate::method::Method;
+use crate::optim::{AdamW, AdamWParams};
 
 /// What a stage did, for results and logs.
 #[derive(Debug, Clone, Default)]
@@ -118,7 +124,20 @@ pub struct StageInput<'a> {
     pub special: SpecialTokens,
 }
 
-/// Trains the current adapters through one stage.
+/// A mid-stage checkpoint to continue from, and where it was read from (for
+/// error messages).
+pub struct StageResume<'a> {
+    pub checkpoint: &'a StageCheckpoint,
+    pub dir: &'a Path,
+}
+
+/// Receives a checkpoint every `train.checkpoint_every` optimizer steps.
+pub type CheckpointSink<'a> = dyn FnMut(&StageCheckpoint) -> Result<()> + 'a;
+
+/// Trains the current adapters through one stage, from its start or from a
+/// mid-stage checkpoint. Each checkpoint is taken right after an optimizer
+/// step (no gradients pending), so the adapters, AdamW's moments and the
+/// position in the stage are all it needs.
 #[allow(clippy::too_many_arguments)]
 pub fn train_stage(
     model: &mut dyn LanguageModel,
@@ -127,52 +146,135 @@ pub fn train_stage(
     batcher: &DecoderBatcher<'_, dyn nlora_data::PlainTokenizer + '_>,
     input: &StageInput<'_>,
     bar: &ProgressBar,
+    resume: Option<StageResume<'_>>,
+    on_checkpoint: &mut CheckpointSink<'_>,
 ) -> Result<StageStats> {
     let stage = input.stage;
-    let vars = model.adapter_sites().trainable_vars();
-    if vars.is_empty() {
+    let named = named_trainable(model.adapter_sites());
+    if named.is_empty() {
         return Err(TrainError::Other(format!(
             "stage {}: the method left nothing trainable",
             stage + 1
         )));
     }
+    let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
+    let names: Vec<String> = named.iter().map(|(n, _)| n.clone()).collect();
     let base_lr = cfg.train.lr.get(stage);
     let epochs = cfg.train.epochs.get(stage);
     let bs = cfg.train.batch_size;
     let accum = cfg.train.grad_accum;
     let batches_per_epoch = input.examples.len().div_ceil(bs);
-    let total_steps = (batches_per_epoch * epochs).div_ceil(accum);
+    let total_batches = batches_per_epoch * epochs;
+    let total_steps = total_batches.div_ceil(accum);
     let mut opt = AdamW::new(
-        vars.clone(),
-        ParamsAdamW {
+        named,
+        AdamWParams {
             lr: base_lr,
             weight_decay: cfg.train.weight_decay,
             ..Default::default()
         },
     )?;
-    bar.set_length((batches_per_epoch * epochs) as u64);
-    bar.set_position(0);
-    let device = model.device().clone();
     let mut stats = StageStats::default();
     let mut micro = 0usize;
+    let mut start_batch = 0usize;
+    let mut seconds_before = 0f64;
+    if let Some(r) = resume {
+        let p = &r.checkpoint.progress;
+        if p.stage != stage || p.batches_done > total_batches {
+            return Err(TrainError::File {
+                path: r.dir.to_path_buf(),
+                message: format!(
+                    "checkpoint of task {} after {} batches does not fit task {} with {total_batches} batches: the run's config changed",
+                    p.stage + 1,
+                    p.batches_done,
+                    stage + 1
+                ),
+            });
+        }
+        restore_params(model.adapter_sites(), &r.checkpoint.params, r.dir)?;
+        let moments: HashMap<String, Tensor> = r.checkpoint.optimizer.iter().cloned().collect();
+        opt.restore(&moments, p.steps)
+            .map_err(|e| TrainError::File {
+                path: r.dir.join(crate::checkpoint::OPTIMIZER_FILE),
+                message: e.to_string(),
+            })?;
+        stats = StageStats {
+            steps: p.steps,
+            tokens: p.tokens,
+            skipped_batches: p.skipped_batches,
+            last_loss: p.last_loss,
+        };
+        micro = p.micro;
+        start_batch = p.batches_done;
+        seconds_before = p.train_seconds;
+    }
+    bar.set_length(total_batches as u64);
+    bar.set_position(start_batch as u64);
+    let device = model.device().clone();
     let mut acc_grads: Option<GradStore> = None;
     let started = std::time::Instant::now();
-    for epoch in 0..epochs {
+    let tokens_before = stats.tokens;
+    let optimizer_step = |opt: &mut AdamW, mut grads: GradStore, stats: &mut StageStats| {
+        if let Some(max) = cfg.train.clip_grad_norm {
+            clip_grads(&mut grads, &vars, max)?;
+        }
+        fault::pause_at(&format!("step:{}:{}", stage + 1, stats.steps + 1));
+        opt.set_learning_rate(lr_at(
+            cfg.train.schedule,
+            base_lr,
+            cfg.train.warmup_steps,
+            stats.steps,
+            total_steps,
+        ));
+        opt.step(&grads)?;
+        stats.steps += 1;
+        Ok::<(), TrainError>(())
+    };
+    // What to do with a non-finite part: Ok(()) to skip the batch, or the error.
+    let nonfinite = |part: String, value: f64, steps: usize, batch: usize| -> Result<()> {
+        match cfg.train.on_nonfinite {
+            OnNonFinite::Stop => Err(TrainError::NonFinite {
+                part,
+                task: stage + 1,
+                task_name: input.task_name.to_string(),
+                step: steps + 1,
+                value,
+            }),
+            OnNonFinite::Skip => {
+                tracing::warn!(
+                    "task {} ({}) step {} batch {}: non-finite {part} ({value}); batch skipped",
+                    stage + 1,
+                    input.task_name,
+                    steps + 1,
+                    batch + 1
+                );
+                Ok(())
+            }
+        }
+    };
+    for epoch in start_batch / batches_per_epoch.max(1)..epochs {
         let mut order: Vec<usize> = (0..input.examples.len()).collect();
         let mut rng =
             rand::rngs::StdRng::seed_from_u64(derive_seed(cfg.seed, stage, 1, epoch as u64));
         order.shuffle(&mut rng);
         for (bi, chunk) in order.chunks(bs).enumerate() {
+            let counter = epoch * batches_per_epoch + bi;
+            if counter < start_batch {
+                continue;
+            }
+            let injected = fault::nan_at(stage, counter);
             let items: Vec<&EncodedExample> = chunk.iter().map(|&i| input.examples[i]).collect();
             let (batch, tokens) = to_lm_batch(batcher, &items, &device)?;
-            let step_counter = (epoch * batches_per_epoch + bi) as u64;
-            let dropout_seed = derive_seed(cfg.seed, stage, 2, step_counter);
-            let task_loss = model.loss(
+            let dropout_seed = derive_seed(cfg.seed, stage, 2, counter as u64);
+            let mut task_loss = model.loss(
                 &batch,
                 ForwardMode::Train {
                     dropout_seed: Some(dropout_seed),
                 },
             )?;
+            if injected == Some(NanPart::Loss) {
+                task_loss = task_loss.affine(1.0, f64::NAN)?;
+            }
             let parts = method.penalty(model.adapter_sites(), stage)?;
             let mut total = task_loss.clone();
             let mut shown = vec![("task", scalar(&task_loss)?)];
@@ -180,59 +282,74 @@ pub fn train_stage(
                 total = (total + &p.value)?;
                 shown.push((p.name, scalar(&p.value)?));
             }
-            let bad = shown.iter().find(|(_, v)| !v.is_finite()).copied();
-            if let Some((part, value)) = bad {
-                match cfg.train.on_nonfinite {
-                    OnNonFinite::Stop => {
-                        return Err(TrainError::NonFinite {
-                            part: format!("{part} loss"),
-                            task: stage + 1,
-                            task_name: input.task_name.to_string(),
-                            step: stats.steps + 1,
-                            value,
-                        })
-                    }
-                    OnNonFinite::Skip => {
-                        tracing::warn!(
-                            "stage {} step {}: non-finite {part} loss {value}; batch skipped",
-                            stage + 1,
-                            stats.steps + 1
-                        );
-                        stats.skipped_batches += 1;
-                        bar.inc(1);
-                        continue;
-                    }
-                }
+            if let Some(&(part, value)) = shown.iter().find(|(_, v)| !v.is_finite()) {
+                nonfinite(format!("{part} loss"), value, stats.steps, counter)?;
+                stats.skipped_batches += 1;
+                bar.inc(1);
+                continue;
             }
             let scaled = if accum > 1 {
                 total.affine(1.0 / accum as f64, 0.0)?
             } else {
                 total
             };
-            let grads = scaled.backward()?;
+            let mut grads = scaled.backward()?;
+            if injected == Some(NanPart::Grad) {
+                if let Some(g) = grads.get(vars[0].as_tensor()) {
+                    let poisoned = g.affine(0.0, f64::NAN)?;
+                    grads.insert(vars[0].as_tensor(), poisoned);
+                }
+            }
+            // A finite loss can still have a non-finite gradient (an overflow
+            // in the backward pass): checked before it reaches AdamW's moments.
+            if let Some((name, value)) = first_nonfinite_grad(&grads, &vars, &names)? {
+                let loss_text: Vec<String> =
+                    shown.iter().map(|(n, v)| format!("{n} {v:.4}")).collect();
+                nonfinite(
+                    format!("gradient of {name} (loss parts: {})", loss_text.join(", ")),
+                    value,
+                    stats.steps,
+                    counter,
+                )?;
+                stats.skipped_batches += 1;
+                bar.inc(1);
+                continue;
+            }
             match acc_grads.as_mut() {
                 None => acc_grads = Some(grads),
                 Some(acc) => add_grads(acc, &grads, &vars)?,
             }
             micro += 1;
             stats.tokens += tokens;
+            stats.last_loss = shown.iter().map(|p| p.1).sum();
             let last_of_epoch = bi + 1 == batches_per_epoch;
             if micro % accum == 0 || (last_of_epoch && epoch + 1 == epochs) {
-                let mut grads = acc_grads.take().expect("accumulated above");
-                if let Some(max) = cfg.train.clip_grad_norm {
-                    clip_grads(&mut grads, &vars, max)?;
+                let grads = acc_grads.take().expect("accumulated above");
+                optimizer_step(&mut opt, grads, &mut stats)?;
+                let every = cfg.train.checkpoint_every;
+                // The stage's last step needs none: the task end saves the adapter.
+                if every > 0 && stats.steps % every == 0 && counter + 1 < total_batches {
+                    let checkpoint = StageCheckpoint {
+                        progress: StageProgress {
+                            stage,
+                            batches_done: counter + 1,
+                            micro,
+                            steps: stats.steps,
+                            tokens: stats.tokens,
+                            skipped_batches: stats.skipped_batches,
+                            last_loss: stats.last_loss,
+                            train_seconds: seconds_before + started.elapsed().as_secs_f64(),
+                        },
+                        params: names
+                            .iter()
+                            .zip(&vars)
+                            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+                            .collect(),
+                        optimizer: opt.state_tensors(),
+                    };
+                    on_checkpoint(&checkpoint)?;
                 }
-                opt.set_learning_rate(lr_at(
-                    cfg.train.schedule,
-                    base_lr,
-                    cfg.train.warmup_steps,
-                    stats.steps,
-                    total_steps,
-                ));
-                opt.step(&grads)?;
-                stats.steps += 1;
             }
-            stats.last_loss = shown.iter().map(|p| p.1).sum();
             let secs = started.elapsed().as_secs_f64().max(1e-9);
             let parts_text: Vec<String> =
                 shown.iter().map(|(n, v)| format!("{n} {v:.4}")).collect();
@@ -241,7 +358,7 @@ pub fn train_stage(
                 epoch + 1,
                 stats.last_loss,
                 parts_text.join(", "),
-                stats.tokens as f64 / secs
+                (stats.tokens - tokens_before) as f64 / secs
             ));
             bar.inc(1);
             if stats.steps > 0 && micro % (accum * 10) == 0 {
@@ -255,7 +372,35 @@ pub fn train_stage(
             }
         }
     }
+    // Only when skipped batches ended the stage mid-accumulation: what was
+    // accumulated still counts.
+    if let Some(grads) = acc_grads.take() {
+        optimizer_step(&mut opt, grads, &mut stats)?;
+    }
     Ok(stats)
+}
+
+/// The first variable whose gradient has a NaN or an infinity, with the
+/// gradient's sum of squares (non-finite then), if any.
+fn first_nonfinite_grad(
+    grads: &GradStore,
+    vars: &[Var],
+    names: &[String],
+) -> Result<Option<(String, f64)>> {
+    for (v, name) in vars.iter().zip(names) {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            // In f64 a finite f32 gradient cannot overflow the sum.
+            let sq = g
+                .to_dtype(candle_core::DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?;
+            if !sq.is_finite() {
+                return Ok(Some((name.clone(), sq)));
+            }
+        }
+    }
+    Ok(None)
 }
 
 fn scalar(t: &Tensor) -> Result<f64> {
