@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor, D};
 use nlora_adapter::{AdapterSite, AdapterSites, ForwardMode, SiteId};
 
-use super::LlamaConfig;
+use super::{fused, LlamaConfig};
 use crate::error::{ModelError, Result};
 use crate::lm::{GenerateOptions, LabelLogits, LanguageModel, LmBatch, IGNORE_INDEX};
 
@@ -25,6 +25,9 @@ struct RmsNorm {
 
 impl RmsNorm {
     fn forward(&self, x: &Tensor, mode: ForwardMode) -> Result<Tensor> {
+        if x.device().is_cpu() {
+            return Ok(fused::rms_norm(x, &self.weight, self.eps)?);
+        }
         // candle's fused kernel has no backward, and no F64 version
         if mode == ForwardMode::Inference && x.dtype() != DType::F64 {
             return Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)?);
@@ -74,9 +77,13 @@ impl Rope {
         })
     }
 
-    /// `x (b, h, s, d)` rotated, HF rotate-half convention (pairs `(i, i + d/2)`).
-    fn apply(&self, x: &Tensor, mode: ForwardMode) -> Result<Tensor> {
-        let x = x.contiguous()?;
+    /// `x (b, s, n, d)` (a projection's output split into heads) rotated
+    /// and laid out `(b, n, s, d)`; HF rotate-half convention (pairs `(i, i + d/2)`).
+    fn to_heads(&self, x: &Tensor, mode: ForwardMode) -> Result<Tensor> {
+        if x.device().is_cpu() {
+            return Ok(fused::rope_to_heads(x, &self.cos, &self.sin)?);
+        }
+        let x = x.transpose(1, 2)?.contiguous()?;
         if mode == ForwardMode::Inference {
             return Ok(candle_nn::rotary_emb::rope(&x, &self.cos, &self.sin)?);
         }
@@ -135,15 +142,19 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
-            Ok(t.reshape((b, s, n, hd))?.transpose(1, 2)?.contiguous()?)
-        };
-        let q = heads(sites.forward(self.q_proj, x, mode)?, nh)?;
-        let k = heads(sites.forward(self.k_proj, x, mode)?, nkv)?;
-        let v = heads(sites.forward(self.v_proj, x, mode)?, nkv)?;
-        let q = rope.apply(&q, mode)?;
-        let mut k = rope.apply(&k, mode)?;
-        let mut v = v;
+        let q = sites
+            .forward(self.q_proj, x, mode)?
+            .reshape((b, s, nh, hd))?;
+        let q = rope.to_heads(&q, mode)?;
+        let k = sites
+            .forward(self.k_proj, x, mode)?
+            .reshape((b, s, nkv, hd))?;
+        let mut k = rope.to_heads(&k, mode)?;
+        let mut v = sites
+            .forward(self.v_proj, x, mode)?
+            .reshape((b, s, nkv, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
                 k = Tensor::cat(&[pk, &k], 2)?.contiguous()?;
@@ -157,12 +168,16 @@ impl Attention {
         // repeat_kv) are stacked along the sequence axis.
         let n_rep = nh / nkv;
         let q = q.reshape((b, nkv, n_rep * s, hd))?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?
-            .reshape((b, nh, s, t))?
-            .broadcast_add(mask)?;
-        let probs = match mode {
-            ForwardMode::Inference => candle_nn::ops::softmax_last_dim(&scores)?,
-            ForwardMode::Train { .. } => candle_nn::ops::softmax(&scores, D::Minus1)?,
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = q.matmul(&k.t()?)?.reshape((b, nh, s, t))?;
+        let probs = if scores.device().is_cpu() {
+            fused::masked_softmax(&scores, mask, scale)?
+        } else {
+            let scores = (scores * scale)?.broadcast_add(mask)?;
+            match mode {
+                ForwardMode::Inference => candle_nn::ops::softmax_last_dim(&scores)?,
+                ForwardMode::Train { .. } => candle_nn::ops::softmax(&scores, D::Minus1)?,
+            }
         };
         let out = probs
             .reshape((b, nkv, n_rep * s, t))?
@@ -183,9 +198,14 @@ struct Mlp {
 
 impl Mlp {
     fn forward(&self, sites: &AdapterSites, x: &Tensor, mode: ForwardMode) -> Result<Tensor> {
-        let gate = sites.forward(self.gate_proj, x, mode)?.silu()?;
+        let gate = sites.forward(self.gate_proj, x, mode)?;
         let up = sites.forward(self.up_proj, x, mode)?;
-        Ok(sites.forward(self.down_proj, &(gate * up)?, mode)?)
+        let h = if x.device().is_cpu() {
+            fused::swiglu(&gate, &up)?
+        } else {
+            (gate.silu()? * up)?
+        };
+        Ok(sites.forward(self.down_proj, &h, mode)?)
     }
 }
 
@@ -454,6 +474,57 @@ impl Llama {
         self.hidden_states(input_ids, &positions, &key_mask, None, mode)
     }
 
+    /// Final hidden states `(n, hidden)` at the n positions that carry a
+    /// label (position t predicts `labels[t + 1]`), their targets, and the
+    /// batch row of each.
+    fn label_hidden_states(
+        &self,
+        batch: &LmBatch,
+        mode: ForwardMode,
+    ) -> Result<(Tensor, Vec<u32>, Vec<usize>)> {
+        let (b, s) = batch.input_ids.dims2()?;
+        if batch.labels.dims() != [b, s] {
+            return Err(ModelError::Tensor {
+                name: "labels".into(),
+                message: format!(
+                    "shape {:?} must equal input_ids {:?} for a decoder-only model",
+                    batch.labels.shape(),
+                    batch.input_ids.shape()
+                ),
+            });
+        }
+        let labels = batch.labels.to_vec2::<i64>()?;
+        // gather the predicting hidden states before the lm_head
+        let (mut idx, mut targets, mut rows) = (Vec::new(), Vec::new(), Vec::new());
+        for (r, row) in labels.iter().enumerate() {
+            for t in 0..s.saturating_sub(1) {
+                let y = row[t + 1];
+                if y == IGNORE_INDEX {
+                    continue;
+                }
+                if y < 0 || y as usize >= self.config.vocab_size {
+                    return Err(ModelError::Tensor {
+                        name: "labels".into(),
+                        message: format!(
+                            "row {r}, position {}: label {y} is outside the vocabulary (0..{})",
+                            t + 1,
+                            self.config.vocab_size
+                        ),
+                    });
+                }
+                idx.push((r * s + t) as u32);
+                targets.push(y as u32);
+                rows.push(r);
+            }
+        }
+        let h = self.batch_hidden_states(&batch.input_ids, &batch.attention_mask, mode)?;
+        let n = idx.len();
+        let h = h
+            .reshape((b * s, self.config.hidden_size))?
+            .index_select(&Tensor::from_vec(idx, n, &self.device)?, 0)?;
+        Ok((h, targets, rows))
+    }
+
     /// Sum of log-likelihoods of each `(prompt, continuation)` pair, batched.
     pub fn score_pairs(&self, pairs: &[(&[u32], &[u32])]) -> Result<Vec<f64>> {
         let rows: Vec<Vec<u32>> = pairs.iter().map(|(p, c)| [*p, *c].concat()).collect();
@@ -571,51 +642,32 @@ impl LanguageModel for Llama {
     }
 
     fn label_logits(&self, batch: &LmBatch, mode: ForwardMode) -> Result<LabelLogits> {
-        let (b, s) = batch.input_ids.dims2()?;
-        if batch.labels.dims() != [b, s] {
-            return Err(ModelError::Tensor {
-                name: "labels".into(),
-                message: format!(
-                    "shape {:?} must equal input_ids {:?} for a decoder-only model",
-                    batch.labels.shape(),
-                    batch.input_ids.shape()
-                ),
-            });
-        }
-        let labels = batch.labels.to_vec2::<i64>()?;
-        // position t predicts labels[t + 1]: gather those hidden states before the lm_head
-        let (mut idx, mut targets, mut rows) = (Vec::new(), Vec::new(), Vec::new());
-        for (r, row) in labels.iter().enumerate() {
-            for t in 0..s.saturating_sub(1) {
-                let y = row[t + 1];
-                if y == IGNORE_INDEX {
-                    continue;
-                }
-                if y < 0 || y as usize >= self.config.vocab_size {
-                    return Err(ModelError::Tensor {
-                        name: "labels".into(),
-                        message: format!(
-                            "row {r}, position {}: label {y} is outside the vocabulary (0..{})",
-                            t + 1,
-                            self.config.vocab_size
-                        ),
-                    });
-                }
-                idx.push((r * s + t) as u32);
-                targets.push(y as u32);
-                rows.push(r);
-            }
-        }
-        let h = self.batch_hidden_states(&batch.input_ids, &batch.attention_mask, mode)?;
-        let n = idx.len();
-        let h = h
-            .reshape((b * s, self.config.hidden_size))?
-            .index_select(&Tensor::from_vec(idx, n, &self.device)?, 0)?;
+        let (h, targets, rows) = self.label_hidden_states(batch, mode)?;
+        let n = targets.len();
         Ok(LabelLogits {
             logits: self.lm_head(&h, mode)?,
             targets: Tensor::from_vec(targets, n, &self.device)?,
             rows,
         })
+    }
+
+    fn loss(&self, batch: &LmBatch, mode: ForwardMode) -> Result<Tensor> {
+        let head = self.sites.site(self.lm_head);
+        let plain_head =
+            head.current().is_none() && head.history().is_empty() && head.base().bias().is_none();
+        // The fused lm_head + cross-entropy computes its input gradient in the
+        // forward: worth it only when a backward follows.
+        if !(mode.tracks_gradients() && plain_head && self.device.is_cpu()) {
+            return self.label_logits(batch, mode)?.mean_cross_entropy();
+        }
+        let (h, targets, _) = self.label_hidden_states(batch, mode)?;
+        if targets.is_empty() {
+            return Err(ModelError::Tensor {
+                name: "labels".into(),
+                message: "no position carries a label: nothing to compute a loss on".into(),
+            });
+        }
+        Ok(fused::linear_cross_entropy(&h, head.base().weight(), &targets)?.mean_all()?)
     }
 
     fn generate(&self, prompts: &[Vec<u32>], opts: &GenerateOptions) -> Result<Vec<Vec<u32>>> {
