@@ -294,21 +294,105 @@ impl AdapterSite {
             let in_f = self.in_features();
             let m = x_in.elem_count() / in_f;
             let x2 = x_in.reshape((m, in_f))?;
-            let u = x2.matmul(&a.t()?)?.matmul(&b.t()?)?;
-            let u = u.affine(cur.scale(), 0.0)?.reshape(y.shape())?;
+            // the scale on the (m, r) intermediate: one (m, out) tensor fewer in the graph
+            let u = x2
+                .matmul(&a.t()?)?
+                .affine(cur.scale(), 0.0)?
+                .matmul(&b.t()?)?
+                .reshape(y.shape())?;
             y = (y + u)?;
         }
         Ok(y)
     }
 }
 
-/// Inverted dropout with a mask drawn from `seed` (reproducible steps).
+/// Inverted dropout with a mask drawn from `seed` (reproducible steps). The
+/// mask is never stored: the backward draws it again from the seed, so the
+/// graph holds only the dropped-out input.
 fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let keep = 1.0 / (1.0 - p);
-    let mask: Vec<f32> = (0..x.elem_count())
-        .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
-        .collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    x.mul(&mask)
+    x.contiguous()?.apply_op1(Dropout { p, seed })
+}
+
+struct Dropout {
+    p: f32,
+    seed: u64,
+}
+
+impl Dropout {
+    /// `x * mask` with the mask `0` (probability p) or `1 / (1 - p)`.
+    fn apply<T: candle_core::WithDType>(&self, x: &[T]) -> Vec<T> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed);
+        let keep = T::from_f64((1.0 / (1.0 - self.p)) as f64);
+        x.iter()
+            .map(|&v| {
+                if rng.random::<f32>() < self.p {
+                    T::from_f64(0.0)
+                } else {
+                    v * keep
+                }
+            })
+            .collect()
+    }
+}
+
+impl candle_core::CustomOp1 for Dropout {
+    fn name(&self) -> &'static str {
+        "lora-dropout"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::{CpuStorage, DType};
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("dropout: input must be contiguous");
+        };
+        let out = match storage.dtype() {
+            DType::F32 => CpuStorage::F32(self.apply(&storage.as_slice::<f32>()?[start..end])),
+            DType::F64 => CpuStorage::F64(self.apply(&storage.as_slice::<f64>()?[start..end])),
+            other => candle_core::bail!("dropout: dtype {other:?} is not supported (f32, f64)"),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        // the same mask, drawn again from the seed
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(self)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    #[test]
+    fn dropout_masks_value_and_gradient_alike_and_is_seeded() {
+        let x = Var::from_tensor(&Tensor::arange(1f64, 2001.0, &Device::Cpu).unwrap()).unwrap();
+        let y = dropout(x.as_tensor(), 0.25, 7).unwrap();
+        let kept: Vec<f64> = y.to_vec1().unwrap();
+        let grad = y.sum_all().unwrap().backward().unwrap();
+        let g: Vec<f64> = grad.get(x.as_tensor()).unwrap().to_vec1().unwrap();
+        let mut zeros = 0;
+        for (i, (&v, &g)) in kept.iter().zip(&g).enumerate() {
+            // as the mask was drawn before: 1 / (1 - p) in f32
+            let keep = f64::from(1.0f32 / (1.0 - 0.25f32));
+            if v == 0.0 {
+                zeros += 1;
+                assert_eq!(g, 0.0, "a dropped entry gets no gradient");
+            } else {
+                assert!((v - (i + 1) as f64 * keep).abs() < 1e-9);
+                assert!((g - keep).abs() < 1e-12);
+            }
+        }
+        // about a quarter dropped
+        assert!((400..600).contains(&zeros), "{zeros} of 2000 dropped");
+        let again: Vec<f64> = dropout(x.as_tensor(), 0.25, 7).unwrap().to_vec1().unwrap();
+        assert_eq!(kept, again);
+        let other: Vec<f64> = dropout(x.as_tensor(), 0.25, 8).unwrap().to_vec1().unwrap();
+        assert_ne!(kept, other);
+    }
 }
