@@ -3,6 +3,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod alloc;
+mod bench;
 mod data;
 mod generate;
 mod report;
@@ -36,9 +38,12 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// The paper's tables and figures from run directories: report.html, report.md and PNGs.
     Report(report::ReportArgs),
+    /// Speed of the hot paths (LoRA/N-LoRA training step, forward, generation) and peak RSS.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
+    alloc::tune();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::run(args, cli.verbose),
@@ -46,6 +51,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::generate(args),
         Command::Data(args) => data::data(args),
         Command::Report(args) => report::report(args),
+        Command::Bench(args) => bench::bench(args),
         Command::Presets => {
             run::presets();
             Ok(())
