@@ -90,6 +90,15 @@ impl GgufFile {
         }
         file.seek(SeekFrom::Start(0)).map_err(io_err)?;
         let mut reader = BufReader::new(file);
+        // candle divides by the declared alignment unchecked: 0 would panic inside it.
+        if let Some(a) = declared_alignment(&mut reader, file_bytes).filter(|a| *a <= 0) {
+            return Err(ModelError::BadField {
+                path,
+                field: "general.alignment".into(),
+                message: format!("must be a positive number of bytes, found {a}"),
+            });
+        }
+        reader.seek(SeekFrom::Start(0)).map_err(io_err)?;
         let content = Content::read(&mut reader).map_err(|e| {
             let mut message = format!("cannot read the GGUF header: {e}");
             if message.contains("unknown dtype") {
@@ -103,12 +112,55 @@ impl GgufFile {
                 message,
             }
         })?;
-        Ok(Self {
+        let file = Self {
             path,
             content,
             reader,
             file_bytes,
-        })
+        };
+        file.check_tensor_extents()?;
+        Ok(file)
+    }
+
+    /// Every tensor's data must lie inside the file. Checked once here, with checked
+    /// arithmetic, so that no later size computation overflows and no read allocates
+    /// for bytes a truncated or corrupt file does not hold.
+    fn check_tensor_extents(&self) -> Result<()> {
+        let mut names: Vec<&String> = self.content.tensor_infos.keys().collect();
+        names.sort();
+        for name in names {
+            let info = &self.content.tensor_infos[name];
+            let dims = info.shape.dims();
+            let dtype = gguf_dtype_name(info.ggml_dtype);
+            let block = info.ggml_dtype.block_size();
+            let elems = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+            let problem = match elems {
+                None => "its element count overflows".to_string(),
+                Some(n) if n % block != 0 => {
+                    format!("{n} elements are not a whole number of {dtype} blocks of {block}")
+                }
+                Some(n) => {
+                    let end = ((n / block) as u64)
+                        .checked_mul(info.ggml_dtype.type_size() as u64)
+                        .and_then(|b| b.checked_add(info.offset))
+                        .and_then(|b| b.checked_add(self.content.tensor_data_offset));
+                    match end {
+                        Some(end) if end <= self.file_bytes => continue,
+                        Some(end) => format!(
+                            "its data ends at byte {end}, beyond the end of the file ({} bytes): \
+                             the file is truncated or its header is corrupt",
+                            self.file_bytes
+                        ),
+                        None => "its data offset or size overflows".to_string(),
+                    }
+                }
+            };
+            return Err(ModelError::BadFile {
+                path: self.path.clone(),
+                message: format!("tensor `{name}` (shape {dims:?}, {dtype}): {problem}"),
+            });
+        }
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -216,7 +268,12 @@ impl GgufFile {
         }
         let optional_id = |k: &str| -> Result<Option<u32>> {
             match self.get_opt(k) {
-                Some(_) => Ok(Some(self.get_usize(k)? as u32)),
+                Some(_) => {
+                    let id = self.get_usize(k)?;
+                    u32::try_from(id)
+                        .map(Some)
+                        .map_err(|_| self.bad_field(k, format!("token id {id} is out of range")))
+                }
                 None => Ok(None),
             }
         };
@@ -236,8 +293,13 @@ impl GgufFile {
             _ if self.get_opt(&key("vocab_size")).is_some() => {
                 self.get_usize(&key("vocab_size"))?
             }
-            _ => match self.content.tensor_infos.get("token_embd.weight") {
-                Some(info) => info.shape.dims()[0],
+            _ => match self
+                .content
+                .tensor_infos
+                .get("token_embd.weight")
+                .and_then(|info| info.shape.dims().first())
+            {
+                Some(&rows) => rows,
                 None => {
                     return Err(self.bad_field(
                         "tokenizer.ggml.tokens",
@@ -452,6 +514,123 @@ impl GgufFile {
                 .collect(),
             v => Err(self.bad_field(key, format!("expected an array, found {v:?}"))),
         }
+    }
+}
+
+/// `general.alignment` as the header declares it (integer types only, as candle reads
+/// it), found by walking the metadata before candle parses it. Anything the walk cannot
+/// follow (truncation, a length beyond the file, an unknown type) ends it with `None`;
+/// candle's reader then reports the problem.
+fn declared_alignment<R: Read + Seek>(reader: &mut BufReader<R>, file_bytes: u64) -> Option<i128> {
+    let mut scan = HeaderScan {
+        reader,
+        pos: 0,
+        end: file_bytes,
+        wide: true,
+    };
+    let _magic = scan.take::<4>()?;
+    let version = scan.u32()?;
+    scan.wide = version != 1; // v1 has u32 lengths and counts
+    let _tensors = scan.len()?;
+    let kv_count = scan.len()?;
+    for _ in 0..kv_count {
+        let key_len = scan.len()?;
+        let is_alignment = if key_len == b"general.alignment".len() as u64 {
+            scan.take::<17>()? == *b"general.alignment"
+        } else {
+            scan.skip(key_len)?;
+            false
+        };
+        let ty = scan.u32()?;
+        if is_alignment {
+            return Some(match ty {
+                0 => scan.take::<1>()?[0] as i128,
+                1 => scan.take::<1>()?[0] as i8 as i128,
+                2 => u16::from_le_bytes(scan.take()?) as i128,
+                3 => i16::from_le_bytes(scan.take()?) as i128,
+                4 => scan.u32()? as i128,
+                5 => i32::from_le_bytes(scan.take()?) as i128,
+                _ => return None, // candle ignores other types and uses its default
+            });
+        }
+        scan.skip_value(ty, 0)?;
+    }
+    None
+}
+
+/// A cursor over a GGUF header that can only move forward inside the file.
+struct HeaderScan<'a, R> {
+    reader: &'a mut BufReader<R>,
+    pos: u64,
+    end: u64,
+    /// u64 lengths (GGUF v2, v3) rather than u32 (v1).
+    wide: bool,
+}
+
+impl<R: Read + Seek> HeaderScan<'_, R> {
+    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let mut b = [0u8; N];
+        self.reader.read_exact(&mut b).ok()?;
+        self.pos += N as u64;
+        Some(b)
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        self.take().map(u32::from_le_bytes)
+    }
+
+    fn len(&mut self) -> Option<u64> {
+        if self.wide {
+            self.take().map(u64::from_le_bytes)
+        } else {
+            self.u32().map(u64::from)
+        }
+    }
+
+    fn skip(&mut self, n: u64) -> Option<()> {
+        if n > self.end.saturating_sub(self.pos) {
+            return None;
+        }
+        self.reader.seek_relative(i64::try_from(n).ok()?).ok()?;
+        self.pos += n;
+        Some(())
+    }
+
+    /// Skips one value of GGUF type `ty`; nesting is capped as candle caps it.
+    fn skip_value(&mut self, ty: u32, depth: usize) -> Option<()> {
+        match ty {
+            8 => {
+                let n = self.len()?;
+                self.skip(n)
+            }
+            9 if depth < 64 => {
+                let item = self.u32()?;
+                let n = self.len()?;
+                match fixed_size(item) {
+                    Some(size) => self.skip(n.checked_mul(size)?),
+                    None => {
+                        // Strings and arrays take at least 4 bytes each, so this loop
+                        // ends within the file's length.
+                        for _ in 0..n {
+                            self.skip_value(item, depth + 1)?;
+                        }
+                        Some(())
+                    }
+                }
+            }
+            ty => self.skip(fixed_size(ty)?),
+        }
+    }
+}
+
+/// Bytes of a fixed-size GGUF value type.
+fn fixed_size(ty: u32) -> Option<u64> {
+    match ty {
+        0 | 1 | 7 => Some(1), // u8, i8, bool
+        2 | 3 => Some(2),     // u16, i16
+        4..=6 => Some(4),     // u32, i32, f32
+        10..=12 => Some(8),   // u64, i64, f64
+        _ => None,
     }
 }
 
