@@ -9,7 +9,10 @@ use crate::error::{Result, TrainError};
 /// A value given once for every task, or once per task of the order
 /// (the paper's order-4 lambdas are per task).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "a number, or a list of numbers with one per task of the order"
+)]
 pub enum PerTask<T> {
     One(T),
     List(Vec<T>),
@@ -423,8 +426,10 @@ impl RunConfig {
         let text = std::fs::read_to_string(path).map_err(|e| {
             TrainError::Config(format!("cannot read config {}: {e}", path.display()))
         })?;
-        Self::from_toml_str(&text)
-            .map_err(|e| TrainError::Config(format!("{}: {}", path.display(), e)))
+        Self::from_toml_str(&text).map_err(|e| match e {
+            TrainError::Config(m) => TrainError::Config(format!("{}: {m}", path.display())),
+            e => e,
+        })
     }
 
     pub fn from_toml_str(text: &str) -> Result<Self> {
@@ -434,6 +439,37 @@ impl RunConfig {
 
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("a RunConfig always serialises")
+    }
+
+    /// Every key whose value differs between `self` (e.g. a run directory's config)
+    /// and `other`, as "`key` is A there, B here": why a resume is refused.
+    pub fn differences(&self, other: &RunConfig) -> Vec<String> {
+        use serde_json::Value;
+        fn walk(key: &str, a: &Value, b: &Value, out: &mut Vec<String>) {
+            if let (Value::Object(x), Value::Object(y)) = (a, b) {
+                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                for k in keys {
+                    let sub = if key.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{key}.{k}")
+                    };
+                    let null = Value::Null;
+                    walk(
+                        &sub,
+                        x.get(k).unwrap_or(&null),
+                        y.get(k).unwrap_or(&null),
+                        out,
+                    );
+                }
+            } else if a != b {
+                out.push(format!("`{key}` is {a} there, {b} here"));
+            }
+        }
+        let json = |c: &RunConfig| serde_json::to_value(c).expect("a RunConfig serialises");
+        let mut out = Vec::new();
+        walk("", &json(self), &json(other), &mut out);
+        out
     }
 
     /// Checks values that serde cannot: ranges, list lengths, names.
@@ -486,10 +522,16 @@ impl RunConfig {
                 self.train.lr.values()
             ));
         }
+        if self.train.epochs.values().contains(&0) {
+            return bad(format!(
+                "`train.epochs` must be at least 1, got {:?}",
+                self.train.epochs.values()
+            ));
+        }
         if self.train.batch_size == 0 || self.train.grad_accum == 0 {
             return bad("`train.batch_size` and `train.grad_accum` must be at least 1".into());
         }
-        if self.train.weight_decay < 0.0 {
+        if !(self.train.weight_decay.is_finite() && self.train.weight_decay >= 0.0) {
             return bad(format!(
                 "`train.weight_decay` must be >= 0, got {}",
                 self.train.weight_decay
@@ -523,6 +565,12 @@ impl RunConfig {
         }
         if self.eval.batch_size == 0 {
             return bad("`eval.batch_size` must be at least 1".into());
+        }
+        if self.eval.max_new_tokens == Some(0) || self.data.max_target_len == 0 {
+            return bad(
+                "`eval.max_new_tokens` and `data.max_target_len` must be at least 1 (an answer has tokens)"
+                    .into(),
+            );
         }
         if self.data.max_source_len < 16 {
             return bad(format!(
