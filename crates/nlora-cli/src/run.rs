@@ -99,25 +99,35 @@ fn init_logging(verbose: u8, log_file: Option<PathBuf>) -> Result<()> {
 
 fn build_config(args: &RunArgs) -> Result<RunConfig> {
     let method = args.method.as_deref().map(MethodName::parse).transpose()?;
-    let l1_form = match args.l1_form.as_deref() {
-        None | Some("dw") => L1Form::Dw,
-        Some("reference-code") => L1Form::ReferenceCode,
-        Some(other) => anyhow::bail!("unknown --l1-form `{other}`: use dw or reference-code"),
-    };
-    let mut cfg = match (&args.config, &args.preset) {
-        (Some(path), _) => {
-            let mut c = RunConfig::from_toml_file(path)?;
-            if let Some(m) = method {
-                c.method.name = m;
-            }
-            if args.l1_form.is_some() {
-                c.method.l1_form = l1_form;
-            }
-            c
-        }
-        (None, Some(name)) => preset(name, method.unwrap_or(MethodName::NLora), l1_form)?,
+    let cfg = match (&args.config, &args.preset) {
+        (Some(path), _) => RunConfig::from_toml_file(path)?,
+        (None, Some(name)) => preset(
+            name,
+            method.unwrap_or(MethodName::NLora),
+            l1_form(args)?.unwrap_or_default(),
+        )?,
         (None, None) => anyhow::bail!("give --config FILE or --preset NAME (see `nlora presets`)"),
     };
+    apply_flags(cfg, args)
+}
+
+fn l1_form(args: &RunArgs) -> Result<Option<L1Form>> {
+    Ok(match args.l1_form.as_deref() {
+        None => None,
+        Some("dw") => Some(L1Form::Dw),
+        Some("reference-code") => Some(L1Form::ReferenceCode),
+        Some(other) => anyhow::bail!("unknown --l1-form `{other}`: use dw or reference-code"),
+    })
+}
+
+/// The command-line flags that override a config's values.
+fn apply_flags(mut cfg: RunConfig, args: &RunArgs) -> Result<RunConfig> {
+    if let Some(m) = args.method.as_deref() {
+        cfg.method.name = MethodName::parse(m)?;
+    }
+    if let Some(f) = l1_form(args)? {
+        cfg.method.l1_form = f;
+    }
     if let Some(l) = args.lambda {
         cfg.method.lambda = Some(PerTask::One(l));
     }
@@ -130,15 +140,45 @@ fn build_config(args: &RunArgs) -> Result<RunConfig> {
     Ok(cfg)
 }
 
+/// `--resume` continues a run with the config it was started with (its config.toml):
+/// its adapters and accuracy rows depend on it. A config or flags that say otherwise
+/// are refused, naming each difference, rather than silently ignored.
+fn check_resume_config(args: &RunArgs, saved: &RunConfig) -> Result<()> {
+    let mut given = if args.config.is_some() || args.preset.is_some() {
+        build_config(args)?
+    } else {
+        apply_flags(saved.clone(), args)?
+    };
+    // The data may have moved (--data-dir is honoured); the model must be the same file.
+    given.data.dir.clone_from(&saved.data.dir);
+    let same_file = |a: &PathBuf, b: &PathBuf| {
+        a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+    };
+    match (&given.model.path, &saved.model.path) {
+        (None, _) => given.model.path.clone_from(&saved.model.path),
+        (Some(a), Some(b)) if same_file(a, b) => given.model.path.clone_from(&saved.model.path),
+        _ => {}
+    }
+    let differences = saved.differences(&given);
+    if !differences.is_empty() {
+        anyhow::bail!(
+            "cannot resume {}: the run was made with another config ({}). --resume continues \
+             a run with its own config.toml: drop --config/--preset and the flags that change \
+             it, or start a new run with another --out",
+            args.out.display(),
+            differences.join("; ")
+        );
+    }
+    Ok(())
+}
+
 pub fn run(args: RunArgs, verbose: u8) -> Result<()> {
     init_logging(verbose, Some(args.out.join("train.log")))?;
     let cfg = if args.resume {
-        // The run directory's own config wins; flags that change it are refused.
-        if args.config.is_some() || args.preset.is_some() || args.method.is_some() {
-            tracing::warn!("--resume uses the run directory's config.toml; --config/--preset/--method are ignored");
-        }
-        RunConfig::from_toml_file(&args.out.join("config.toml"))
-            .with_context(|| format!("cannot resume {}", args.out.display()))?
+        let saved = RunConfig::from_toml_file(&args.out.join("config.toml"))
+            .with_context(|| format!("cannot resume {}", args.out.display()))?;
+        check_resume_config(&args, &saved)?;
+        saved
     } else {
         build_config(&args)?
     };
