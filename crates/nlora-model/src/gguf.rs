@@ -266,17 +266,6 @@ impl GgufFile {
                 ));
             }
         }
-        let optional_id = |k: &str| -> Result<Option<u32>> {
-            match self.get_opt(k) {
-                Some(_) => {
-                    let id = self.get_usize(k)?;
-                    u32::try_from(id)
-                        .map(Some)
-                        .map_err(|_| self.bad_field(k, format!("token id {id} is out of range")))
-                }
-                None => Ok(None),
-            }
-        };
         let rms_norm_eps = self.get_f64(&key("attention.layer_norm_rms_epsilon"))?;
         let intermediate_size = self.get_usize(&key("feed_forward_length"))?;
         let num_hidden_layers = self.get_usize(&key("block_count"))?;
@@ -325,8 +314,8 @@ impl GgufFile {
             max_position_embeddings,
             tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
             attention_bias: self.content.tensor_infos.contains_key("blk.0.attn_q.bias"),
-            bos_token_id: optional_id("tokenizer.ggml.bos_token_id")?,
-            eos_token_id: optional_id("tokenizer.ggml.eos_token_id")?,
+            bos_token_id: self.get_token_id("tokenizer.ggml.bos_token_id")?,
+            eos_token_id: self.get_token_id("tokenizer.ggml.eos_token_id")?,
             hidden_act: "silu".to_string(),
         })
     }
@@ -468,6 +457,17 @@ impl GgufFile {
             Some(n) if n >= 0 && n <= usize::MAX as i128 => Ok(n as usize),
             _ => Err(self.bad_field(key, format!("expected a non-negative integer, found {v:?}"))),
         }
+    }
+
+    /// An optional token id; one beyond u32 is an error, not cut to 32 bits.
+    pub(crate) fn get_token_id(&self, key: &str) -> Result<Option<u32>> {
+        if self.get_opt(key).is_none() {
+            return Ok(None);
+        }
+        let id = self.get_usize(key)?;
+        u32::try_from(id)
+            .map(Some)
+            .map_err(|_| self.bad_field(key, format!("token id {id} is out of range")))
     }
 
     pub(crate) fn get_f64(&self, key: &str) -> Result<f64> {

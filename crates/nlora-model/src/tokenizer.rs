@@ -257,12 +257,7 @@ impl TextTokenizer {
         inner.add_special_tokens(special).map_err(tok_err)?;
         inner.add_tokens(user).map_err(tok_err)?;
 
-        let id = |k: &str| -> Result<Option<u32>> {
-            match gguf.metadata().get(k) {
-                Some(_) => Ok(Some(gguf.get_usize(k)? as u32)),
-                None => Ok(None),
-            }
-        };
+        let id = |k: &str| gguf.get_token_id(k);
         let eos_id = id("tokenizer.ggml.eos_token_id")?;
         Ok(Self {
             inner,

@@ -796,6 +796,12 @@ fn inputs_that_once_panicked_are_named_errors() {
         std::fs::write(&path, build(&spec).bytes).unwrap();
         let (loaded, errors) = exercise(&path);
         assert!(!loaded, "{what}: loaded");
+        // The tokenizer reads the same header: it must refuse it too.
+        let tok = TextTokenizer::from_path(&path).err().map(|e| e.to_string());
+        assert!(
+            tok.as_deref().is_some_and(|e| e.contains(needle)),
+            "{what}: tokenizer {tok:?}"
+        );
         assert!(
             errors
                 .iter()
