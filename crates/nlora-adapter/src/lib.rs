@@ -10,6 +10,7 @@
 pub mod config;
 pub mod error;
 pub mod frozen;
+mod lora_op;
 pub mod peft;
 pub mod site;
 pub mod sites;

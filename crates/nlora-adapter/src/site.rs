@@ -10,6 +10,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::config::LoraConfig;
 use crate::frozen::{frozen_matmul_t, FrozenLinear};
+use crate::lora_op::{lora_linear, Frozen};
 
 /// How a forward pass runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -275,6 +276,27 @@ impl AdapterSite {
     /// `x (..., in) -> (..., out)`. `dropout_seed` seeds this site's dropout
     /// mask (only used in [`ForwardMode::Train`] with a positive dropout).
     pub fn forward(&self, x: &Tensor, mode: ForwardMode) -> Result<Tensor> {
+        if let (Some(cur), true) = (&self.current, x.device().is_cpu()) {
+            let (a, b) = match mode {
+                ForwardMode::Inference => (cur.a.as_tensor().detach(), cur.b.as_tensor().detach()),
+                ForwardMode::Train { .. } => (cur.a.as_tensor().clone(), cur.b.as_tensor().clone()),
+            };
+            let dropout = match mode {
+                ForwardMode::Train {
+                    dropout_seed: Some(seed),
+                } if cur.dropout > 0.0 => Some(Dropout {
+                    p: cur.dropout,
+                    seed,
+                }),
+                _ => None,
+            };
+            let frozen = Frozen {
+                weight: self.base.weight(),
+                bias: self.base.bias(),
+                history: self.stacked.as_ref().map(|h| (&h.a, &h.b_scaled)),
+            };
+            return lora_linear(x, &a, &b, frozen, cur.scale(), dropout);
+        }
         let mut y = self.base.forward(x)?;
         if let Some(h) = &self.stacked {
             let hx = frozen_matmul_t(x, &h.a)?;
@@ -313,9 +335,10 @@ fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Dropout { p, seed })
 }
 
-struct Dropout {
-    p: f32,
-    seed: u64,
+#[derive(Debug, Clone)]
+pub(crate) struct Dropout {
+    pub(crate) p: f32,
+    pub(crate) seed: u64,
 }
 
 impl Dropout {
@@ -333,6 +356,24 @@ impl Dropout {
             })
             .collect()
     }
+
+    /// The dropped-out copy of a contiguous storage.
+    pub(crate) fn cpu_apply(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<candle_core::CpuStorage> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::{CpuStorage, DType};
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("dropout: input must be contiguous");
+        };
+        Ok(match storage.dtype() {
+            DType::F32 => CpuStorage::F32(self.apply(&storage.as_slice::<f32>()?[start..end])),
+            DType::F64 => CpuStorage::F64(self.apply(&storage.as_slice::<f64>()?[start..end])),
+            other => candle_core::bail!("dropout: dtype {other:?} is not supported (f32, f64)"),
+        })
+    }
 }
 
 impl candle_core::CustomOp1 for Dropout {
@@ -345,17 +386,7 @@ impl candle_core::CustomOp1 for Dropout {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::backend::BackendStorage;
-        use candle_core::{CpuStorage, DType};
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("dropout: input must be contiguous");
-        };
-        let out = match storage.dtype() {
-            DType::F32 => CpuStorage::F32(self.apply(&storage.as_slice::<f32>()?[start..end])),
-            DType::F64 => CpuStorage::F64(self.apply(&storage.as_slice::<f64>()?[start..end])),
-            other => candle_core::bail!("dropout: dtype {other:?} is not supported (f32, f64)"),
-        };
-        Ok((out, layout.shape().clone()))
+        Ok((self.cpu_apply(storage, layout)?, layout.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
