@@ -200,6 +200,151 @@ impl CustomOp2 for SoftmaxBackward {
     }
 }
 
+// ---------------------------------------------------------------- attention
+
+/// Grouped-query attention `softmax(scale * q k^T + mask) v` for `q (b, nh, s,
+/// hd)`, `k`, `v (b, nkv, t, hd)` and an additive `mask (b, 1, s, t)`,
+/// returned as `(b, s, nh * hd)` (the o_proj's input). The n_rep query heads
+/// sharing a kv head (heads `j*n_rep .. (j+1)*n_rep`, as transformers'
+/// repeat_kv) are stacked along the sequence axis, so K/V are never copied.
+///
+/// With a gradient to track, the graph holds only q, k, v and the output:
+/// the backward recomputes the scores and probabilities (a few percent of a
+/// step's FLOPs) instead of keeping two `(b, nh, s, t)` tensors per layer.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    let tracked = q.track_op() || k.track_op() || v.track_op();
+    let out = attention_forward(&q.detach(), &k.detach(), &v.detach(), mask, scale)?;
+    if !tracked {
+        return Ok(out);
+    }
+    q.apply_op3(
+        k,
+        v,
+        Attention {
+            out: Precomputed::new(out),
+            mask: mask.detach(),
+            scale,
+        },
+    )
+}
+
+/// The probabilities `(b, nkv, n_rep * s, t)` and the dims.
+fn attention_probs(
+    q: &Tensor,
+    k: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+) -> Result<(Tensor, [usize; 6])> {
+    let (b, nh, s, hd) = q.dims4()?;
+    let (_, nkv, t, _) = k.dims4()?;
+    let n_rep = nh / nkv;
+    let scores = q
+        .contiguous()?
+        .reshape((b, nkv, n_rep * s, hd))?
+        .matmul(&k.t()?)?
+        .reshape((b, nh, s, t))?;
+    let probs = masked_softmax(&scores, mask, scale)?.reshape((b, nkv, n_rep * s, t))?;
+    Ok((probs, [b, nh, nkv, s, t, hd]))
+}
+
+fn attention_forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let (probs, [b, nh, _, s, _, hd]) = attention_probs(q, k, mask, scale)?;
+    probs
+        .matmul(&v.contiguous()?)?
+        .reshape((b, nh, s, hd))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b, s, nh * hd))
+}
+
+/// An output computed outside the graph, handed to the graph by the op's
+/// forward (one copy of the output instead of every intermediate kept).
+struct Precomputed(Mutex<Option<Tensor>>);
+
+impl Precomputed {
+    fn new(t: Tensor) -> Self {
+        Self(Mutex::new(Some(t)))
+    }
+
+    fn take(&self, what: &str) -> Result<(CpuStorage, Shape)> {
+        let out = self
+            .0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg(format!("{what}: poisoned")))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{what}: forward run twice")))?;
+        let (st, l) = out.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*st else {
+            candle_core::bail!("{what}: CPU tensors only");
+        };
+        let (start, end) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{what}: output not contiguous")))?;
+        let data = float_dispatch!(cpu.dtype(), what, |T| {
+            T::to_cpu_storage(&cpu.as_slice::<T>()?[start..end])
+        });
+        Ok((data, l.shape().clone()))
+    }
+}
+
+struct Attention {
+    out: Precomputed,
+    mask: Tensor,
+    scale: f64,
+}
+
+impl candle_core::CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.out.take(self.name())
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (q, k, v) = (q.detach(), k.detach(), v.detach());
+        let (probs, [b, nh, nkv, s, _, hd]) = attention_probs(&q, &k, &self.mask, self.scale)?;
+        let n_rep = nh / nkv;
+        // dO in the stacked-heads layout (b, nkv, n_rep * s, hd)
+        let d_out = grad
+            .reshape((b, s, nh, hd))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, nkv, n_rep * s, hd))?;
+        let v = v.contiguous()?;
+        let d_v = probs.t()?.matmul(&d_out)?;
+        let d_probs = d_out.matmul(&v.t()?)?.contiguous()?;
+        let d_scores = d_probs.apply_op2_no_bwd(&probs, &SoftmaxBackward { scale: self.scale })?;
+        let k = k.contiguous()?;
+        let d_q = d_scores.matmul(&k)?.reshape((b, nh, s, hd))?;
+        let q_stacked = q.contiguous()?.reshape((b, nkv, n_rep * s, hd))?;
+        let d_k = d_scores.t()?.matmul(&q_stacked)?;
+        Ok((Some(d_q), Some(d_k), Some(d_v)))
+    }
+}
+
 // ---------------------------------------------------------------- RoPE
 
 /// Rotary embedding, HF rotate-half convention (pairs `(i, i + d/2)`), fused
@@ -500,6 +645,74 @@ impl CustomOp2 for Swiglu {
         let grad = grad.contiguous()?;
         let d_gate = grad.apply_op3_no_bwd(gate, up, &SwigluBackward { for_gate: true })?;
         let d_up = grad.apply_op3_no_bwd(gate, up, &SwigluBackward { for_gate: false })?;
+        Ok((Some(d_gate), Some(d_up)))
+    }
+}
+
+/// `silu(gate) * up` projected by a frozen `w (out, inter)`: the LLaMA MLP
+/// after its gate and up projections, when down_proj carries no adapter.
+/// The graph holds gate, up and the output; the gated `(m, inter)` product,
+/// the largest activation of a layer, lives only inside the forward.
+pub fn swiglu_linear(gate: &Tensor, up: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let h = swiglu(&gate.detach(), &up.detach())?;
+    let (m_dims, inter) = (h.dims().to_vec(), w.dim(1)?);
+    if m_dims.last() != Some(&inter) {
+        candle_core::bail!(
+            "swiglu linear: h {:?} does not fit W {:?}",
+            h.shape(),
+            w.shape()
+        );
+    }
+    let y = nlora_adapter::frozen_matmul_t(&h, w)?;
+    if !(gate.track_op() || up.track_op()) {
+        return Ok(y);
+    }
+    gate.apply_op2(
+        up,
+        SwigluLinear {
+            out: Precomputed::new(y),
+            w: w.detach(),
+        },
+    )
+}
+
+struct SwigluLinear {
+    out: Precomputed,
+    w: Tensor,
+}
+
+impl CustomOp2 for SwigluLinear {
+    fn name(&self) -> &'static str {
+        "swiglu-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.out.take(self.name())
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let out_f = self.w.dim(0)?;
+        let m = grad.elem_count() / out_f;
+        let d_h = grad
+            .contiguous()?
+            .reshape((m, out_f))?
+            .matmul(&self.w)?
+            .reshape(gate.shape())?;
+        let (gate, up) = (gate.detach(), up.detach());
+        let d_gate = d_h.apply_op3_no_bwd(&gate, &up, &SwigluBackward { for_gate: true })?;
+        let d_up = d_h.apply_op3_no_bwd(&gate, &up, &SwigluBackward { for_gate: false })?;
         Ok((Some(d_gate), Some(d_up)))
     }
 }
@@ -819,6 +1032,69 @@ mod tests {
     }
 
     #[test]
+    fn attention_matches_the_composition_for_each_input() {
+        // 6 query heads sharing 2 kv heads, 4 new positions after 1 cached key
+        let (b, nh, nkv, s, t, hd) = (2, 6, 2, 4, 5, 3);
+        let mut m = Vec::new();
+        for bi in 0..b {
+            for i in 0..s {
+                for j in 0..t {
+                    let padded = bi == 1 && j == 0;
+                    m.push(if j <= i + 1 && !padded { 0.0 } else { -1e9 });
+                }
+            }
+        }
+        let mask = Tensor::from_vec(m, (b, 1, s, t), &Device::Cpu).unwrap();
+        let (q, k, v) = (
+            rand(&[b, nh, s, hd], 12),
+            rand(&[b, nkv, t, hd], 13),
+            rand(&[b, nkv, t, hd], 14),
+        );
+        let reference = |q: &Tensor, k: &Tensor, v: &Tensor| {
+            // repeat_kv, then plain attention
+            let rep = |x: &Tensor| {
+                let (b, n, t, d) = x.dims4().unwrap();
+                x.unsqueeze(2)
+                    .unwrap()
+                    .expand((b, n, nh / nkv, t, d))
+                    .unwrap()
+                    .reshape((b, nh, t, d))
+                    .unwrap()
+            };
+            let scores = (q.matmul(&rep(k).t().unwrap()).unwrap() * 0.4)
+                .unwrap()
+                .broadcast_add(&mask)
+                .unwrap();
+            candle_nn::ops::softmax(&scores, D::Minus1)
+                .unwrap()
+                .matmul(&rep(v))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .reshape((b, s, nh * hd))
+                .unwrap()
+        };
+        let x = Var::from_tensor(&q).unwrap();
+        same_value_and_grad(
+            &x,
+            |q| attention(q, &k, &v, &mask, 0.4).unwrap(),
+            |q| reference(q, &k, &v),
+        );
+        let x = Var::from_tensor(&k).unwrap();
+        same_value_and_grad(
+            &x,
+            |k| attention(&q, k, &v, &mask, 0.4).unwrap(),
+            |k| reference(&q, k, &v),
+        );
+        let x = Var::from_tensor(&v).unwrap();
+        same_value_and_grad(
+            &x,
+            |v| attention(&q, &k, v, &mask, 0.4).unwrap(),
+            |v| reference(&q, &k, v),
+        );
+    }
+
+    #[test]
     fn swiglu_matches_the_composition() {
         let x = Var::from_tensor(&rand(&[3, 10], 10)).unwrap();
         let up = rand(&[3, 10], 11);
@@ -833,6 +1109,29 @@ mod tests {
             &x,
             |u| swiglu(&up, u).unwrap(),
             |u| (up.silu().unwrap() * u).unwrap(),
+        );
+    }
+
+    #[test]
+    fn swiglu_linear_matches_the_composition() {
+        let gate = Var::from_tensor(&rand(&[2, 3, 10], 15)).unwrap();
+        let up = rand(&[2, 3, 10], 16);
+        let w = rand(&[4, 10], 17);
+        let reference = |g: &Tensor, u: &Tensor| {
+            (g.silu().unwrap() * u)
+                .unwrap()
+                .broadcast_matmul(&w.t().unwrap())
+                .unwrap()
+        };
+        same_value_and_grad(
+            &gate,
+            |g| swiglu_linear(g, &up, &w).unwrap(),
+            |g| reference(g, &up),
+        );
+        same_value_and_grad(
+            &gate,
+            |u| swiglu_linear(&up, u, &w).unwrap(),
+            |u| reference(&up, u),
         );
     }
 

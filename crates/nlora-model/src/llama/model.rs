@@ -162,22 +162,21 @@ impl Attention {
             }
             *slot = Some((k.clone(), v.clone()));
         }
+        let scale = 1.0 / (hd as f64).sqrt();
+        if q.device().is_cpu() {
+            let out = fused::attention(&q, &k, &v, mask, scale)?;
+            return Ok(sites.forward(self.o_proj, &out, mode)?);
+        }
         let t = k.dim(2)?;
         // Grouped-query attention without copying K/V: the n_rep query heads
         // sharing a kv head (heads j*n_rep .. (j+1)*n_rep, as transformers'
         // repeat_kv) are stacked along the sequence axis.
         let n_rep = nh / nkv;
         let q = q.reshape((b, nkv, n_rep * s, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = q.matmul(&k.t()?)?.reshape((b, nh, s, t))?;
-        let probs = if scores.device().is_cpu() {
-            fused::masked_softmax(&scores, mask, scale)?
-        } else {
-            let scores = (scores * scale)?.broadcast_add(mask)?;
-            match mode {
-                ForwardMode::Inference => candle_nn::ops::softmax_last_dim(&scores)?,
-                ForwardMode::Train { .. } => candle_nn::ops::softmax(&scores, D::Minus1)?,
-            }
+        let scores = ((q.matmul(&k.t()?)? * scale)?.reshape((b, nh, s, t))?).broadcast_add(mask)?;
+        let probs = match mode {
+            ForwardMode::Inference => candle_nn::ops::softmax_last_dim(&scores)?,
+            ForwardMode::Train { .. } => candle_nn::ops::softmax(&scores, D::Minus1)?,
         };
         let out = probs
             .reshape((b, nkv, n_rep * s, t))?
@@ -200,6 +199,12 @@ impl Mlp {
     fn forward(&self, sites: &AdapterSites, x: &Tensor, mode: ForwardMode) -> Result<Tensor> {
         let gate = sites.forward(self.gate_proj, x, mode)?;
         let up = sites.forward(self.up_proj, x, mode)?;
+        let down = sites.site(self.down_proj);
+        let plain_down =
+            down.current().is_none() && down.history().is_empty() && down.base().bias().is_none();
+        if x.device().is_cpu() && plain_down {
+            return Ok(fused::swiglu_linear(&gate, &up, down.base().weight())?);
+        }
         let h = if x.device().is_cpu() {
             fused::swiglu(&gate, &up)?
         } else {
