@@ -3,12 +3,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-mod alloc;
 mod bench;
 mod data;
 mod generate;
 mod report;
 mod run;
+mod tune;
 
 #[derive(Parser)]
 #[command(
@@ -43,7 +43,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    alloc::tune();
+    tune::process();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::run(args, cli.verbose),

@@ -1,6 +1,16 @@
-//! glibc malloc settings for tensor work.
+//! Process settings for tensor work on a few CPU cores, applied at start-up
+//! (before any thread exists); an explicit environment setting wins.
 //!
-//! By default glibc serves large blocks (a 1024 x 1536 f32 activation is
+//! Threads: candle runs elementwise ops on a spinning barrier pool beside
+//! the rayon pool its matmuls use. On 2 cores the pool's spinning worker
+//! competes with the matmul threads, and whenever anything else runs it
+//! spins on a descheduled peer: measured on a loaded 2-core machine, the
+//! N-LoRA penalty took 395 ms with the pool and 50 ms without it, and the
+//! whole `nlora bench` used 20 % less CPU. `CANDLE_NUM_THREADS=1` runs
+//! those (memory-bound, now few) ops on the calling thread; the matmuls and
+//! nlora's fused kernels still use every core through rayon.
+//!
+//! Memory: by default glibc serves large blocks (a 1024 x 1536 f32 activation is
 //! 6 MB) with fresh mmaps and unmaps them on free, so every training step
 //! page-faults and zeroes its whole working set again: measured on the
 //! `nlora bench` training step, half the system time (~8 % of the CPU time).
@@ -8,8 +18,15 @@
 //! not trimming it lets the next step reuse them. The peak RSS is unchanged:
 //! it is set by the step's largest working set either way.
 
+pub fn process() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    malloc();
+}
+
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-pub fn tune() {
+fn malloc() {
     use std::os::raw::c_int;
     extern "C" {
         fn mallopt(param: c_int, value: c_int) -> c_int;
@@ -31,4 +48,4 @@ pub fn tune() {
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-pub fn tune() {}
+fn malloc() {}
