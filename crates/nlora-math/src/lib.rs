@@ -9,9 +9,12 @@
 //!   (N-LoRA's l1, eq. 3-4; O-LoRA's orthogonality, eq. 1; ablations).
 //! - [`metrics`]: AA (eq. 5), forgetting (eq. 6), BWT/FWT; OO (eq. 7), AWOM
 //!   (eq. 8), GSR (eq. 16), CR/ACR (eq. 10-11), nuclear norm.
+//! - [`capacity`]: beyond the paper — a density controller for lambda, a
+//!   sampled collision monitor, and a capacity forecast.
 
 #![warn(missing_docs)]
 
+pub mod capacity;
 pub mod error;
 pub mod metrics;
 pub mod penalty;

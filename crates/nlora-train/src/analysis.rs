@@ -32,6 +32,92 @@ pub struct SiteMetrics {
     pub nuclear_norm: Vec<f64>,
     pub density: Vec<f64>,
     pub average_collision_rate: Option<f64>,
+    /// Room left at the site (absent in metrics.json files of older runs).
+    #[serde(default)]
+    pub capacity: Option<Capacity>,
+}
+
+/// The capacity forecast of one site, or its mean over sites.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Capacity {
+    /// Fraction of positions non-zero in at least one task's update.
+    pub used_fraction: f64,
+    /// Mean per-task density.
+    pub mean_density: f64,
+    /// Mean over pairs of the measured CR_ij.
+    pub measured_mean_cr: Option<f64>,
+    /// Mean over pairs of s_i s_j (Theorem 2, independent supports).
+    pub independent_mean_cr: Option<f64>,
+    /// measured / independent (1: independent; > 1: tasks crowd together).
+    pub independence_ratio: Option<f64>,
+    /// Where N more tasks at the mean density would take the site.
+    pub forecast: Vec<CapacityPoint>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CapacityPoint {
+    pub more_tasks: usize,
+    /// Expected ACR over all tasks, new pairs independent (Theorem 2).
+    pub expected_acr: f64,
+    /// The same, new pairs scaled by the measured independence ratio.
+    pub expected_acr_observed_ratio: f64,
+    pub expected_used_fraction: f64,
+}
+
+/// The horizons of the forecast: one more task, the paper's 15-task
+/// benchmark length, and the "hundreds of tasks" of its limitations.
+pub const FORECAST_HORIZONS: [usize; 4] = [1, 5, 15, 100];
+
+fn site_capacity(s: &nlora_math::metrics::geometry::SiteGeometry) -> Result<Capacity> {
+    let f = nlora_math::capacity::forecast(
+        &s.density,
+        &s.collisions,
+        s.used_fraction,
+        &FORECAST_HORIZONS,
+    )?;
+    Ok(Capacity {
+        used_fraction: f.used_fraction,
+        mean_density: f.mean_density,
+        measured_mean_cr: f.measured_mean_cr,
+        independent_mean_cr: f.independent_mean_cr,
+        independence_ratio: f.independence_ratio,
+        forecast: f
+            .points
+            .iter()
+            .map(|p| CapacityPoint {
+                more_tasks: p.more_tasks,
+                expected_acr: p.expected_acr,
+                expected_acr_observed_ratio: p.expected_acr_observed_ratio,
+                expected_used_fraction: p.expected_used_fraction,
+            })
+            .collect(),
+    })
+}
+
+/// The mean over sites of each figure (`None` entries left out).
+fn mean_capacity(sites: &[Capacity]) -> Option<Capacity> {
+    let first = sites.first()?;
+    let n = sites.len() as f64;
+    let mean = |f: &dyn Fn(&Capacity) -> f64| sites.iter().map(f).sum::<f64>() / n;
+    let mean_opt = |f: &dyn Fn(&Capacity) -> Option<f64>| {
+        let v: Vec<f64> = sites.iter().filter_map(f).collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    };
+    Some(Capacity {
+        used_fraction: mean(&|c| c.used_fraction),
+        mean_density: mean(&|c| c.mean_density),
+        measured_mean_cr: mean_opt(&|c| c.measured_mean_cr),
+        independent_mean_cr: mean_opt(&|c| c.independent_mean_cr),
+        independence_ratio: mean_opt(&|c| c.independence_ratio),
+        forecast: (0..first.forecast.len())
+            .map(|k| CapacityPoint {
+                more_tasks: first.forecast[k].more_tasks,
+                expected_acr: mean(&|c| c.forecast[k].expected_acr),
+                expected_acr_observed_ratio: mean(&|c| c.forecast[k].expected_acr_observed_ratio),
+                expected_used_fraction: mean(&|c| c.forecast[k].expected_used_fraction),
+            })
+            .collect(),
+    })
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -48,6 +134,9 @@ pub struct RunMetrics {
     pub acr: Option<f64>,
     /// ACR at other thresholds (relative to each site's largest |dW|).
     pub acr_sensitivity: Vec<(String, Option<f64>)>,
+    /// Mean over sites of the capacity forecast (absent in older runs).
+    #[serde(default)]
+    pub capacity: Option<Capacity>,
     pub sites: Vec<SiteMetrics>,
 }
 
@@ -140,6 +229,11 @@ pub fn run_metrics(root: &Path, threshold: CollisionThreshold) -> Result<RunMetr
         };
         sensitivity.push((describe(&t), acr));
     }
+    let capacities = summary
+        .sites
+        .iter()
+        .map(site_capacity)
+        .collect::<Result<Vec<_>>>()?;
     let metrics = RunMetrics {
         method: results.method.clone(),
         tasks: results.tasks.clone(),
@@ -150,10 +244,12 @@ pub fn run_metrics(root: &Path, threshold: CollisionThreshold) -> Result<RunMetr
         nuclear_norm: summary.mean_nuclear_norm.clone(),
         acr: summary.mean_average_collision_rate,
         acr_sensitivity: sensitivity,
+        capacity: mean_capacity(&capacities),
         sites: summary
             .sites
             .iter()
-            .map(|s| SiteMetrics {
+            .zip(capacities)
+            .map(|(s, capacity)| SiteMetrics {
                 site: s.name.clone(),
                 orthogonal_overlap: s.orthogonal_overlap,
                 awom: s.awom,
@@ -161,6 +257,7 @@ pub fn run_metrics(root: &Path, threshold: CollisionThreshold) -> Result<RunMetr
                 nuclear_norm: s.nuclear_norm.clone(),
                 density: s.density.clone(),
                 average_collision_rate: s.average_collision_rate,
+                capacity: Some(capacity),
             })
             .collect(),
     };
@@ -198,6 +295,21 @@ pub fn format_table(m: &RunMetrics) -> String {
     s.push_str("ACR sensitivity to the threshold:\n");
     for (t, v) in &m.acr_sensitivity {
         s.push_str(&format!("  {:<55} {}\n", t, opt(*v)));
+    }
+    if let Some(c) = &m.capacity {
+        s.push_str(&format!(
+            "capacity (mean over sites): used {:.4} of positions, density per task {:.4}, \
+             measured/independent CR {}\n",
+            c.used_fraction,
+            c.mean_density,
+            opt(c.independence_ratio)
+        ));
+        for p in &c.forecast {
+            s.push_str(&format!(
+                "  after {:>3} more tasks: ACR {:.4} (independent) / {:.4} (observed ratio), used {:.4}\n",
+                p.more_tasks, p.expected_acr, p.expected_acr_observed_ratio, p.expected_used_fraction
+            ));
+        }
     }
     s.push_str("\nper site:\n  site                                         OO        AWOM      ACR     GSR(last)\n");
     for site in &m.sites {

@@ -102,6 +102,23 @@ impl SupportMask {
         self.count() as f64 / self.len as f64
     }
 
+    /// The fraction of positions non-zero in at least one of `masks` (all of
+    /// one size; 0 for none).
+    pub fn union_density(masks: &[SupportMask]) -> f64 {
+        let Some(first) = masks.first() else {
+            return 0.0;
+        };
+        let used: usize = (0..first.bits.len())
+            .map(|w| {
+                masks
+                    .iter()
+                    .fold(0u64, |acc, m| acc | m.bits.get(w).copied().unwrap_or(0))
+                    .count_ones() as usize
+            })
+            .sum();
+        used as f64 / first.len.max(1) as f64
+    }
+
     /// CR, paper eq. 11: the fraction of positions non-zero in both masks.
     pub fn collision_rate(&self, other: &SupportMask) -> Result<f64> {
         if self.len != other.len || self.len == 0 {

@@ -257,6 +257,8 @@ pub struct SiteGeometry {
     pub nuclear_norm: Vec<f64>,
     /// Fraction of non-zero positions per task, under the threshold.
     pub density: Vec<f64>,
+    /// Fraction of positions non-zero in at least one task's update.
+    pub used_fraction: f64,
     /// Eq. 11 for every pair i < j.
     pub collisions: Vec<PairCollision>,
     /// Eq. 10; `None` with one task.
@@ -384,6 +386,7 @@ pub fn site_geometry(site: &SiteHistory, threshold: CollisionThreshold) -> Resul
             .collect(),
         nuclear_norm,
         density: masks.iter().map(SupportMask::density).collect(),
+        used_fraction: SupportMask::union_density(&masks),
         collisions,
         average_collision_rate,
     })
