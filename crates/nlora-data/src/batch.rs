@@ -321,6 +321,11 @@ impl<'t, T: PlainTokenizer + ?Sized> DecoderBatcher<'t, T> {
         }
     }
 
+    /// The tokenizer it encodes with.
+    pub fn tokenizer(&self) -> &'t T {
+        self.tokenizer
+    }
+
     /// The limits.
     pub fn config(&self) -> &BatchConfig {
         &self.config
@@ -452,6 +457,11 @@ impl<'t, T: PlainTokenizer + ?Sized> Seq2SeqBatcher<'t, T> {
             special,
             config,
         }
+    }
+
+    /// The tokenizer it encodes with.
+    pub fn tokenizer(&self) -> &'t T {
+        self.tokenizer
     }
 
     /// Tokenise and truncate one example (the source's EOS counts against

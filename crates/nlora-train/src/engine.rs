@@ -4,15 +4,16 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use nlora_adapter::{LoraConfig, PeftAdapter};
-use nlora_data::{BatchConfig, DecoderBatcher};
 use nlora_math::metrics::accuracy::AccuracyMatrix;
 use nlora_model::lm::LanguageModel;
+use nlora_model::load::load_any_model;
 use nlora_model::tokenizer::TextTokenizer;
 use serde::{Deserialize, Serialize};
 
+use crate::arch::Batching;
 use crate::checkpoint::{remove_stale_temps, StageCheckpoint};
 use crate::config::RunConfig;
 use crate::error::{Result, TrainError};
@@ -20,7 +21,7 @@ use crate::eval::{evaluate_task, EvalOptions};
 use crate::fault;
 use crate::method;
 use crate::rundir::{atomic_write, read_json, write_json, Results, RunDir};
-use crate::stream::load_stream;
+use crate::stream::{batch_config, load_stream};
 use crate::trainer::{train_stage, StageInput, StageResume, StageStats};
 
 /// Where the model comes from when the config names none.
@@ -164,22 +165,13 @@ pub fn run(cfg: RunConfig, data_dir: &Path, opts: &RunOptions) -> Result<Results
     );
 
     let device = Device::Cpu;
-    let mut model = nlora_model::load::load_model(&model_path, &device)?;
+    let mut model = load_any_model(&model_path, DType::F32, &device)?;
     let tokenizer = TextTokenizer::from_path(&model_path)?;
-    let stream = load_stream(&cfg, data_dir, &tokenizer)?;
+    let batching = Batching::for_model(&model, &tokenizer, batch_config(&cfg))?;
+    let stream = load_stream(&cfg, data_dir, &batching)?;
     let lora = lora_config(&cfg);
     let mut method = method::build(&cfg.method, &lora)?;
     let stages = method.stages(stream.tasks.len());
-    let view_dyn: &dyn nlora_data::PlainTokenizer = tokenizer.inner();
-    let batcher = DecoderBatcher::new(
-        view_dyn,
-        stream.special,
-        BatchConfig {
-            max_source_len: cfg.data.max_source_len,
-            max_target_len: cfg.data.max_target_len,
-            truncation: nlora_data::Truncation::Sentence,
-        },
-    );
 
     let multi = MultiProgress::with_draw_target(if opts.progress {
         ProgressDrawTarget::stderr()
@@ -214,7 +206,7 @@ pub fn run(cfg: RunConfig, data_dir: &Path, opts: &RunOptions) -> Result<Results
     let sites = model.adapter_sites_mut();
     for (s, _) in stages.iter().enumerate().take(state.completed_stages) {
         let dir = rd.task_adapter(s, &stage_name(&stream.tasks, &stages[s]));
-        let adapter = PeftAdapter::load(&dir, &device)?;
+        let adapter = load_stage_adapter(&dir, &lora, &device)?;
         method.restore_stage(sites, s, &adapter)?;
         tracing::info!("resumed: stage {} restored from {}", s + 1, dir.display());
     }
@@ -235,7 +227,7 @@ pub fn run(cfg: RunConfig, data_dir: &Path, opts: &RunOptions) -> Result<Results
         }) = pending
         {
             // Trained before the crash: the saved adapter is the stage's end.
-            let adapter = PeftAdapter::load(&adapter_dir, &device)?;
+            let adapter = load_stage_adapter(&adapter_dir, &lora, &device)?;
             method.restore_stage(model.adapter_sites_mut(), s, &adapter)?;
             tracing::info!(
                 "resumed: task {} trained, restored from {}; evaluating",
@@ -258,7 +250,6 @@ pub fn run(cfg: RunConfig, data_dir: &Path, opts: &RunOptions) -> Result<Results
                 stage: s,
                 task_name: &name,
                 examples,
-                special: stream.special,
             };
             let resume_from = match &pending {
                 Some(InProgress::Checkpoint { dir, .. }) => {
@@ -279,7 +270,7 @@ pub fn run(cfg: RunConfig, data_dir: &Path, opts: &RunOptions) -> Result<Results
                 &mut model,
                 method.as_ref(),
                 &cfg,
-                &batcher,
+                &batching,
                 &input,
                 &bar,
                 resume_from.as_ref().map(|(ck, dir)| StageResume {
@@ -291,7 +282,9 @@ pub fn run(cfg: RunConfig, data_dir: &Path, opts: &RunOptions) -> Result<Results
             let before = resume_from.map_or(0.0, |(ck, _)| ck.progress.train_seconds);
             let secs = before + t0.elapsed().as_secs_f64();
             // Save before end_stage: it may freeze or clear the current adapter.
-            model.adapter_sites().save_peft(&adapter_dir, &model_name)?;
+            let mut adapter = model.adapter_sites().current_as_peft(&model_name)?;
+            adapter.config.task_type = Some(batching.peft_task_type().into());
+            adapter.save(&adapter_dir)?;
             // The task-end checkpoint: the adapter file is its whole content.
             state.in_progress = Some(InProgress::Trained {
                 stage: s,
@@ -323,7 +316,7 @@ pub fn run(cfg: RunConfig, data_dir: &Path, opts: &RunOptions) -> Result<Results
         for (j, task) in stream.tasks.iter().enumerate() {
             fault::pause_at(&format!("eval:{}:{}", s + 1, j + 1));
             method.before_eval(model.adapter_sites_mut(), s, j)?;
-            let acc = evaluate_task(&model, &tokenizer, &stream.special, task, &eval_opts, |n| {
+            let acc = evaluate_task(&model, &tokenizer, &batching, task, &eval_opts, |n| {
                 bar.inc(n as u64)
             })?;
             tracing::info!(
@@ -376,6 +369,24 @@ pub fn run(cfg: RunConfig, data_dir: &Path, opts: &RunOptions) -> Result<Results
         }),
     )?;
     Ok(results)
+}
+
+/// A saved task adapter, refused when it was not trained with the run's
+/// LoRA shape (e.g. `model.r` edited in the run's config.toml).
+fn load_stage_adapter(dir: &Path, lora: &LoraConfig, device: &Device) -> Result<PeftAdapter> {
+    let adapter = PeftAdapter::load(dir, device)?;
+    let c = &adapter.config;
+    if c.r != lora.r || (c.lora_alpha - lora.alpha).abs() > 1e-9 * lora.alpha.abs().max(1.0) {
+        return Err(TrainError::RunDir {
+            path: dir.to_path_buf(),
+            message: format!(
+                "this adapter has r = {}, lora_alpha = {} but the run's config says r = {}, alpha = {}: \
+                 resume with the config the run was started with",
+                c.r, c.lora_alpha, lora.r, lora.alpha
+            ),
+        });
+    }
+    Ok(adapter)
 }
 
 /// The presets name LLaMA's attention projections; on T5 the same

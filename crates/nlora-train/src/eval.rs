@@ -1,10 +1,11 @@
 //! Evaluation of one task: greedy generation + normalised exact match (the
 //! reference's metric) and, optionally, rank classification over the task's
 //! labels (the label whose tokens + EOS are most likely wins).
-use nlora_data::{exact_match, EncodedExample, SpecialTokens};
+use nlora_data::exact_match;
 use nlora_model::lm::{GenerateOptions, LanguageModel};
 use nlora_model::tokenizer::TextTokenizer;
 
+use crate::arch::Batching;
 use crate::error::Result;
 use crate::stream::StreamTask;
 
@@ -20,17 +21,11 @@ pub struct EvalOptions {
     pub rank_classification: bool,
 }
 
-fn prompt_row(special: &SpecialTokens, e: &EncodedExample) -> Vec<u32> {
-    let mut row: Vec<u32> = special.bos.into_iter().collect();
-    row.extend_from_slice(&e.prompt);
-    row
-}
-
 /// Accuracy of the model on `task.eval`.
 pub fn evaluate_task(
     model: &dyn LanguageModel,
     tokenizer: &TextTokenizer,
-    special: &SpecialTokens,
+    batching: &Batching<'_>,
     task: &StreamTask,
     opts: &EvalOptions,
     mut on_batch: impl FnMut(usize),
@@ -39,13 +34,13 @@ pub fn evaluate_task(
     let longest = task.label_ids.iter().map(Vec::len).max().unwrap_or(1);
     let gen = GenerateOptions {
         max_new_tokens: opts.max_new_tokens.unwrap_or(longest + 2),
-        eos_token_ids: vec![special.eos],
-        pad_token_id: special.pad,
+        eos_token_ids: vec![batching.eos()],
+        pad_token_id: batching.pad(),
     };
     let mut correct = 0usize;
     let mut rank_correct = 0usize;
     for chunk in task.eval.chunks(opts.batch_size) {
-        let prompts: Vec<Vec<u32>> = chunk.iter().map(|e| prompt_row(special, e)).collect();
+        let prompts: Vec<Vec<u32>> = chunk.iter().map(|e| batching.prompt(e)).collect();
         let outputs = model.generate(&prompts, &gen)?;
         for (e, out) in chunk.iter().zip(&outputs) {
             let text = tokenizer.decode(out, true)?;
@@ -59,7 +54,7 @@ pub fn evaluate_task(
                 .iter()
                 .map(|l| {
                     let mut c = l.clone();
-                    c.push(special.eos);
+                    c.push(batching.eos());
                     c
                 })
                 .collect();

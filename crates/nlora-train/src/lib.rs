@@ -1,6 +1,7 @@
 //! The continual-learning engine: configuration, methods, the task loop,
 //! evaluation and the run directory.
 pub mod analysis;
+pub mod arch;
 pub mod checkpoint;
 pub mod config;
 pub mod engine;

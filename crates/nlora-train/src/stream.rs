@@ -3,11 +3,11 @@
 use std::path::Path;
 
 use nlora_data::{
-    BatchConfig, Benchmark, DecoderBatcher, EncodedExample, LoadOptions, PlainTokenizer,
-    PromptStyle, PromptTemplate, SamplingConfig, SpecialTokens,
+    BatchConfig, Benchmark, EncodedExample, LoadOptions, PromptStyle, PromptTemplate,
+    SamplingConfig,
 };
-use nlora_model::tokenizer::TextTokenizer as ModelTokenizer;
 
+use crate::arch::Batching;
 use crate::config::{RunConfig, Truncation};
 use crate::error::{Result, TrainError};
 
@@ -25,7 +25,6 @@ pub struct StreamTask {
 
 pub struct TaskStream {
     pub tasks: Vec<StreamTask>,
-    pub special: SpecialTokens,
 }
 
 /// The task names of the run, in order, without loading any data.
@@ -47,38 +46,10 @@ pub fn task_names(cfg: &RunConfig, data_dir: &Path) -> Result<Vec<String>> {
 pub fn load_stream(
     cfg: &RunConfig,
     data_dir: &Path,
-    tokenizer: &ModelTokenizer,
+    batching: &Batching<'_>,
 ) -> Result<TaskStream> {
     let bench = Benchmark::open(data_dir)?;
     let names = task_names(cfg, data_dir)?;
-    let eos = tokenizer.eos_id().ok_or_else(|| {
-        TrainError::Other(format!(
-            "tokenizer {} has no EOS token: the label's end cannot be learned",
-            tokenizer.source().display()
-        ))
-    })?;
-    let special = SpecialTokens {
-        bos: if tokenizer.add_bos() {
-            tokenizer.bos_id()
-        } else {
-            None
-        },
-        eos,
-        pad: tokenizer.pad_id().unwrap_or(eos),
-    };
-    let view = tokenizer.inner();
-    let batcher = DecoderBatcher::new(
-        view,
-        special,
-        BatchConfig {
-            max_source_len: cfg.data.max_source_len,
-            max_target_len: cfg.data.max_target_len,
-            truncation: match cfg.data.truncation {
-                Truncation::Sentence => nlora_data::Truncation::Sentence,
-                Truncation::Tail => nlora_data::Truncation::SourceTail,
-            },
-        },
-    );
     let style = if cfg.data.prefix {
         PromptStyle::REFERENCE
     } else {
@@ -100,7 +71,7 @@ pub fn load_stream(
         let template = PromptTemplate::for_task(&task, bench.instructions(), style)?;
         let encode = |exs: &[nlora_data::Example]| -> Result<Vec<EncodedExample>> {
             exs.iter()
-                .map(|e| Ok(batcher.encode(&template.apply(e))?))
+                .map(|e| batching.encode(&template.apply(e)))
                 .collect()
         };
         let eval_split = if cfg.data.eval_on_validation {
@@ -116,7 +87,7 @@ pub fn load_stream(
         let label_ids = sampled
             .labels
             .iter()
-            .map(|l| view.encode_plain(l).map_err(TrainError::from))
+            .map(|l| batching.encode_label(l))
             .collect::<Result<Vec<_>>>()?;
         tracing::info!(
             "task {}/{} {name}: {} train, {} eval examples",
@@ -133,5 +104,17 @@ pub fn load_stream(
             eval: encode(eval_split)?,
         });
     }
-    Ok(TaskStream { tasks, special })
+    Ok(TaskStream { tasks })
+}
+
+/// The batching limits of a run's config.
+pub fn batch_config(cfg: &RunConfig) -> BatchConfig {
+    BatchConfig {
+        max_source_len: cfg.data.max_source_len,
+        max_target_len: cfg.data.max_target_len,
+        truncation: match cfg.data.truncation {
+            Truncation::Sentence => nlora_data::Truncation::Sentence,
+            Truncation::Tail => nlora_data::Truncation::SourceTail,
+        },
+    }
 }

@@ -9,11 +9,12 @@ use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use indicatif::ProgressBar;
 use nlora_adapter::ForwardMode;
-use nlora_data::{DecoderBatcher, EncodedExample, SpecialTokens};
-use nlora_model::lm::{LanguageModel, LmBatch, IGNORE_INDEX};
+use nlora_data::EncodedExample;
+use nlora_model::lm::LanguageModel;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
+use crate::arch::Batching;
 use crate::checkpoint::{named_trainable, restore_params, StageCheckpoint, StageProgress};
 use crate::config::{OnNonFinite, RunConfig, Schedule};
 use crate::error::{Result, TrainError};
@@ -40,31 +41,6 @@ pub fn derive_seed(seed: u64, stage: usize, purpose: u64, counter: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
-}
-
-/// Turns a tokenised decoder batch into the model's batch (labels only where
-/// the loss mask is set).
-pub fn to_lm_batch(
-    batcher: &DecoderBatcher<'_, dyn nlora_data::PlainTokenizer + '_>,
-    items: &[&EncodedExample],
-    device: &candle_core::Device,
-) -> Result<(LmBatch, u64)> {
-    let b = batcher.train_batch(items.iter().copied())?;
-    let labels: Vec<i64> = b
-        .input_ids
-        .iter()
-        .zip(&b.loss_mask)
-        .map(|(&id, &m)| if m == 1 { id as i64 } else { IGNORE_INDEX })
-        .collect();
-    let mask: Vec<u32> = b.attention_mask.iter().map(|&m| m as u32).collect();
-    let tokens = mask.iter().map(|&m| m as u64).sum();
-    let shape = (b.batch_size, b.seq_len);
-    let batch = LmBatch::new(
-        Tensor::from_vec(b.input_ids, shape, device)?,
-        Tensor::from_vec(mask, shape, device)?,
-        Tensor::from_vec(labels, shape, device)?,
-    )?;
-    Ok((batch, tokens))
 }
 
 fn lr_at(schedule: Schedule, base: f64, warmup: usize, step: usize, total: usize) -> f64 {
@@ -121,7 +97,6 @@ pub struct StageInput<'a> {
     pub stage: usize,
     pub task_name: &'a str,
     pub examples: Vec<&'a EncodedExample>,
-    pub special: SpecialTokens,
 }
 
 /// A mid-stage checkpoint to continue from, and where it was read from (for
@@ -143,7 +118,7 @@ pub fn train_stage(
     model: &mut dyn LanguageModel,
     method: &dyn Method,
     cfg: &RunConfig,
-    batcher: &DecoderBatcher<'_, dyn nlora_data::PlainTokenizer + '_>,
+    batching: &Batching<'_>,
     input: &StageInput<'_>,
     bar: &ProgressBar,
     resume: Option<StageResume<'_>>,
@@ -264,7 +239,7 @@ pub fn train_stage(
             }
             let injected = fault::nan_at(stage, counter);
             let items: Vec<&EncodedExample> = chunk.iter().map(|&i| input.examples[i]).collect();
-            let (batch, tokens) = to_lm_batch(batcher, &items, &device)?;
+            let (batch, tokens) = batching.lm_batch(&items, &device)?;
             let dropout_seed = derive_seed(cfg.seed, stage, 2, counter as u64);
             let mut task_loss = model.loss(
                 &batch,
