@@ -342,19 +342,31 @@ pub(crate) struct Dropout {
 }
 
 impl Dropout {
-    /// `x * mask` with the mask `0` (probability p) or `1 / (1 - p)`.
+    /// `x * mask` with the mask `0` (probability p) or `1 / (1 - p)`. The
+    /// mask is drawn in blocks, each from its own stream derived from the
+    /// seed and the block's index: the same mask whatever the thread count,
+    /// drawn in parallel (one stream for a whole layer's input kept a core
+    /// idle for ~3 % of a training step).
     fn apply<T: candle_core::WithDType>(&self, x: &[T]) -> Vec<T> {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed);
+        use rayon::prelude::*;
+        const BLOCK: usize = 16 * 1024;
         let keep = T::from_f64((1.0 / (1.0 - self.p)) as f64);
-        x.iter()
-            .map(|&v| {
-                if rng.random::<f32>() < self.p {
-                    T::from_f64(0.0)
-                } else {
-                    v * keep
+        let mut out = vec![T::from_f64(0.0); x.len()];
+        out.par_chunks_mut(BLOCK)
+            .zip(x.par_chunks(BLOCK))
+            .enumerate()
+            .for_each(|(block, (o, x))| {
+                let stream = self
+                    .seed
+                    .wrapping_add((block as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                let mut rng = rand::rngs::StdRng::seed_from_u64(stream);
+                for (o, &v) in o.iter_mut().zip(x) {
+                    if rng.random::<f32>() >= self.p {
+                        *o = v * keep;
+                    }
                 }
-            })
-            .collect()
+            });
+        out
     }
 
     /// The dropped-out copy of a contiguous storage.
