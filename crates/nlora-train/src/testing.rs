@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 
+use crate::config::{MethodName, MethodSection, PerTask, RunConfig};
 use crate::error::{Result, TrainError};
 
 /// The SmolLM2 GGUF the tests read their tokenizer from; a clear failure
@@ -35,6 +36,32 @@ pub fn data_dir() -> PathBuf {
         d.display()
     );
     d
+}
+
+/// The end-to-end tests' run: a tiny model at `model`, three real tasks
+/// (dbpedia, amazon, CB), 6 training and 3 test examples each, r 4.
+pub fn tiny_run_config(model: &Path, method: MethodName) -> RunConfig {
+    let mut cfg = RunConfig {
+        seed: 7,
+        model: Default::default(),
+        data: Default::default(),
+        method: MethodSection::new(method),
+        train: Default::default(),
+        eval: Default::default(),
+    };
+    cfg.model.path = Some(model.to_path_buf());
+    cfg.model.r = 4;
+    cfg.model.alpha = 8.0;
+    cfg.data.order = None;
+    cfg.data.tasks = Some(vec!["dbpedia".into(), "amazon".into(), "CB".into()]);
+    cfg.data.max_train_per_task = Some(6);
+    cfg.data.max_test_per_task = Some(3);
+    cfg.data.max_source_len = 96;
+    cfg.train.batch_size = 3;
+    cfg.train.lr = PerTask::One(5e-3);
+    cfg.eval.batch_size = 4;
+    cfg.method.lambda = Some(PerTask::One(1e-3));
+    cfg
 }
 
 /// Writes a random LLaMA (hidden 32, 2 layers, GQA 4/2 heads, SmolLM2's

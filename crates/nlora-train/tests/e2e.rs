@@ -2,33 +2,13 @@
 //! and three real tasks of the benchmark, a handful of examples each.
 use std::path::Path;
 
-use nlora_train::config::{MethodName, MethodSection, PerTask, RunConfig};
+use nlora_train::config::{MethodName, RunConfig};
 use nlora_train::engine::{run, RunOptions};
 use nlora_train::rundir::Results;
-use nlora_train::testing::{data_dir, write_tiny_llama};
+use nlora_train::testing::{data_dir, tiny_run_config, write_tiny_llama};
 
 fn tiny_config(model: &Path, method: MethodName) -> RunConfig {
-    let mut cfg = RunConfig {
-        seed: 7,
-        model: Default::default(),
-        data: Default::default(),
-        method: MethodSection::new(method),
-        train: Default::default(),
-        eval: Default::default(),
-    };
-    cfg.model.path = Some(model.to_path_buf());
-    cfg.model.r = 4;
-    cfg.model.alpha = 8.0;
-    cfg.data.order = None;
-    cfg.data.tasks = Some(vec!["dbpedia".into(), "amazon".into(), "CB".into()]);
-    cfg.data.max_train_per_task = Some(6);
-    cfg.data.max_test_per_task = Some(3);
-    cfg.data.max_source_len = 96;
-    cfg.train.batch_size = 3;
-    cfg.train.lr = PerTask::One(5e-3);
-    cfg.eval.batch_size = 4;
-    cfg.method.lambda = Some(PerTask::One(1e-3));
-    cfg
+    tiny_run_config(model, method)
 }
 
 fn run_once(model: &Path, out: &Path, method: MethodName) -> Results {

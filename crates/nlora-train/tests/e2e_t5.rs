@@ -4,39 +4,22 @@
 //! the engine's batching, evaluation and adapter files follow the model.
 use std::path::{Path, PathBuf};
 
-use nlora_train::config::{MethodName, MethodSection, PerTask, RunConfig};
+use nlora_train::config::{MethodName, RunConfig};
 use nlora_train::engine::{run, RunOptions};
 use nlora_train::rundir::Results;
-use nlora_train::testing::data_dir;
+use nlora_train::testing::{data_dir, tiny_run_config};
 
 fn tiny_t5() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../nlora-model/tests/fixtures/t5_v11/model")
 }
 
 fn config(method: MethodName, targets: &[&str]) -> RunConfig {
-    let mut cfg = RunConfig {
-        seed: 3,
-        model: Default::default(),
-        data: Default::default(),
-        method: MethodSection::new(method),
-        train: Default::default(),
-        eval: Default::default(),
-    };
-    cfg.model.path = Some(tiny_t5());
+    let mut cfg = tiny_run_config(&tiny_t5(), method);
+    cfg.seed = 3;
     cfg.model.target_modules = targets.iter().map(|s| s.to_string()).collect();
-    cfg.model.r = 4;
-    cfg.model.alpha = 8.0;
-    cfg.data.order = None;
-    cfg.data.tasks = Some(vec!["dbpedia".into(), "amazon".into(), "CB".into()]);
-    cfg.data.max_train_per_task = Some(6);
-    cfg.data.max_test_per_task = Some(3);
     // The fixture tokenizer is nearly character-level: long prompts.
     cfg.data.max_source_len = 400;
-    cfg.train.batch_size = 3;
-    cfg.train.lr = PerTask::One(5e-3);
-    cfg.eval.batch_size = 4;
     cfg.eval.rank_classification = true;
-    cfg.method.lambda = Some(PerTask::One(1e-3));
     cfg
 }
 
