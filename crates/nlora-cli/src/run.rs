@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use nlora_math::metrics::CollisionThreshold;
-use nlora_train::config::{L1Form, MethodName, PerTask};
+use nlora_train::config::{AutoLambda, L1Form, MethodName, PerTask};
 use nlora_train::engine::{self, RunOptions};
 use nlora_train::presets::{preset, PRESETS};
 use nlora_train::RunConfig;
@@ -26,9 +26,14 @@ pub struct RunArgs {
     /// N-LoRA's l1 form: dw (the paper) or reference-code (||A B||_1, r x r).
     #[arg(long)]
     l1_form: Option<String>,
-    /// N-LoRA's lambda (one value for every task).
+    /// N-LoRA's lambda (one value for every task), or `auto`: adjusted
+    /// during training so each task's update reaches --target-density.
     #[arg(long)]
-    lambda: Option<f64>,
+    lambda: Option<String>,
+    /// With --lambda auto: the fraction of positions each task's update may
+    /// use (|dW| > monitor.tau_rel x the site's largest |dW|), in (0, 1).
+    #[arg(long)]
+    target_density: Option<f64>,
     /// A .gguf file or a Hugging Face model folder (default: $NLORA_MODEL, then the fetch-model cache).
     #[arg(long)]
     model: Option<PathBuf>,
@@ -128,8 +133,28 @@ fn apply_flags(mut cfg: RunConfig, args: &RunArgs) -> Result<RunConfig> {
     if let Some(f) = l1_form(args)? {
         cfg.method.l1_form = f;
     }
-    if let Some(l) = args.lambda {
-        cfg.method.lambda = Some(PerTask::One(l));
+    match args.lambda.as_deref() {
+        None => {}
+        Some("auto") => {
+            let Some(rho) = args.target_density else {
+                anyhow::bail!(
+                    "--lambda auto needs --target-density RHO (the fraction of positions each task's update may use, e.g. 0.8)"
+                );
+            };
+            cfg.method.auto_lambda = Some(AutoLambda::new(rho));
+        }
+        Some(text) => {
+            let l: f64 = text.parse().map_err(|_| {
+                anyhow::anyhow!("--lambda must be a number or `auto`, got `{text}`")
+            })?;
+            cfg.method.lambda = Some(PerTask::One(l));
+        }
+    }
+    if args.target_density.is_some() && args.lambda.as_deref() != Some("auto") {
+        match cfg.method.auto_lambda.as_mut() {
+            Some(auto) => auto.target_density = args.target_density.unwrap_or_default(),
+            None => anyhow::bail!("--target-density is for --lambda auto; give both"),
+        }
     }
     if let Some(m) = &args.model {
         cfg.model.path = Some(m.clone());

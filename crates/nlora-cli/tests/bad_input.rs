@@ -383,6 +383,24 @@ fn every_bad_input_exits_1_and_names_the_problem() {
         run(&c, &o, &[]),
         &["\"order9\"", "presets: order1"],
     );
+    let (c, o) = config(
+        "auto-every",
+        &format!("{RUN_CONFIG}[method.auto_lambda]\ntarget_density = 0.5\nevery = 0\n"),
+    );
+    add(
+        "config: auto lambda every 0 steps",
+        run(&c, &o, &[]),
+        &["method.auto_lambda.every", "at least 1"],
+    );
+    let (c, o) = config(
+        "monitor-tau",
+        &format!("{RUN_CONFIG}[monitor]\ntau_rel = 0.0\n"),
+    );
+    add(
+        "config: monitor threshold 0",
+        run(&c, &o, &[]),
+        &["monitor.tau_rel", "(0, 1]"],
+    );
     let (c, o) = config("ok", RUN_CONFIG);
     add(
         "flag: unknown --method",
@@ -393,6 +411,37 @@ fn every_bad_input_exits_1_and_names_the_problem() {
         "flag: unknown --l1-form",
         run(&c, &o, &["--l1-form", "bogus"]),
         &["--l1-form `bogus`"],
+    );
+    add(
+        "flag: --lambda neither a number nor auto",
+        run(&c, &o, &["--lambda", "lots"]),
+        &["--lambda must be a number or `auto`", "`lots`"],
+    );
+    add(
+        "flag: --lambda auto without --target-density",
+        run(&c, &o, &["--lambda", "auto"]),
+        &["--lambda auto needs --target-density"],
+    );
+    add(
+        "flag: --target-density outside (0, 1)",
+        run(&c, &o, &["--lambda", "auto", "--target-density", "1.5"]),
+        &["method.auto_lambda.target_density", "1.5"],
+    );
+    add(
+        "flag: --lambda auto for a method without l1",
+        run(
+            &c,
+            &o,
+            &[
+                "--method",
+                "olora",
+                "--lambda",
+                "auto",
+                "--target-density",
+                "0.5",
+            ],
+        ),
+        &["method.auto_lambda", "olora"],
     );
     add(
         "flag: unknown --preset",

@@ -35,7 +35,7 @@ fn invalid(name: &'static str, value: f64, reason: &'static str) -> MathError {
 /// and is unknown, so a fixed step can oscillate: the step halves whenever
 /// the error changes sign and grows back by 10 % (up to `rate`) while it
 /// keeps its sign, as in Rprop.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DensityController {
     target: f64,
     lambda: f64,
@@ -123,6 +123,31 @@ pub fn hoeffding_half_width(m: usize, delta: f64) -> f64 {
         return 1.0;
     }
     ((2.0 / delta).ln() / (2.0 * m as f64)).sqrt()
+}
+
+/// Half-width of the same bound for the mean over sites of per-site
+/// fractions, site `s` estimated from `sample_sizes[s]` positions out of
+/// `site_sizes[s]` (a site sampled whole adds no error). The mean is a sum of
+/// independent terms in `[0, 1 / (S m_s)]`, so Hoeffding gives
+/// `sqrt(ln(2/delta) / 2 * sum_s m_s (1 / (S m_s))^2)`: far tighter than one
+/// site's bound when many sites are averaged.
+pub fn hoeffding_half_width_mean(sample_sizes: &[usize], site_sizes: &[usize], delta: f64) -> f64 {
+    let sites = sample_sizes.len().max(1) as f64;
+    let spread: f64 = sample_sizes
+        .iter()
+        .zip(site_sizes)
+        .filter(|(&m, &n)| m < n)
+        .map(|(&m, _)| {
+            if m == 0 {
+                f64::INFINITY
+            } else {
+                1.0 / m as f64
+            }
+        })
+        .sum();
+    ((2.0 / delta).ln() / 2.0 * spread / (sites * sites))
+        .sqrt()
+        .min(1.0)
 }
 
 /// A fixed random sample of positions of one site's (out, in) update.

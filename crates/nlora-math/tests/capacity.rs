@@ -3,7 +3,8 @@
 //! with random supports.
 use nalgebra::DMatrix;
 use nlora_math::capacity::{
-    forecast, hoeffding_half_width, DensityController, SampledMonitor, SampledPositions,
+    forecast, hoeffding_half_width, hoeffding_half_width_mean, DensityController, SampledMonitor,
+    SampledPositions,
 };
 use nlora_math::metrics::collision::SupportMask;
 use nlora_math::metrics::geometry::PairCollision;
@@ -77,6 +78,57 @@ fn hoeffding_half_width_matches_the_formula() {
     assert!((eps - (40f64.ln() / 2000.0).sqrt()).abs() < 1e-12);
     assert!(hoeffding_half_width(4000, 0.05) < eps / 1.9);
     assert_eq!(hoeffding_half_width(0, 0.05), 1.0);
+}
+
+#[test]
+fn mean_over_sites_half_width_matches_one_site_and_covers_a_simulation() {
+    // One site: the one-site bound; a site sampled whole adds nothing.
+    let one = hoeffding_half_width(1000, 0.05);
+    assert!((hoeffding_half_width_mean(&[1000], &[5000], 0.05) - one).abs() < 1e-12);
+    assert_eq!(hoeffding_half_width_mean(&[50], &[50], 0.05), 0.0);
+    // S equal sites: the bound of S * m samples.
+    let s60 = hoeffding_half_width_mean(&[1000; 60], &[5000; 60], 0.05);
+    assert!((s60 - hoeffding_half_width(60_000, 0.05)).abs() < 1e-12);
+
+    // Simulation: 20 sites with different densities, 200 positions sampled
+    // from 4000 each; the mean estimate must fall within the bound in at
+    // least 95 % of 400 trials.
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let (sites, n, m) = (20usize, 4000usize, 200usize);
+    let supports: Vec<Vec<bool>> = (0..sites)
+        .map(|k| {
+            let p = 0.05 + 0.9 * k as f64 / sites as f64;
+            (0..n).map(|_| rng.random_range(0.0..1.0) < p).collect()
+        })
+        .collect();
+    let exact: f64 = supports
+        .iter()
+        .map(|s| s.iter().filter(|&&x| x).count() as f64 / n as f64)
+        .sum::<f64>()
+        / sites as f64;
+    let eps = hoeffding_half_width_mean(&vec![m; sites], &vec![n; sites], 0.05);
+    let mut inside = 0;
+    for trial in 0..400u64 {
+        let estimate: f64 = supports
+            .iter()
+            .enumerate()
+            .map(|(k, s)| {
+                let pos = SampledPositions::new(1, n, m, trial * 100 + k as u64).unwrap();
+                // a 1 x n update whose value at j is 1 where the support is on
+                let a = DMatrix::from_fn(1, n, |_, j| if s[j] { 1.0 } else { 0.0 });
+                let b = DMatrix::from_element(1, 1, 1.0);
+                let v = pos.values(&a, &b, 1.0).unwrap();
+                v.iter().filter(|x| x.abs() > 0.5).count() as f64 / m as f64
+            })
+            .sum::<f64>()
+            / sites as f64;
+        if (estimate - exact).abs() <= eps {
+            inside += 1;
+        }
+    }
+    assert!(inside >= 380, "{inside} of 400 within {eps}");
+    // and the bound is not vacuous: well under one site's
+    assert!(eps < hoeffding_half_width(m, 0.05) / 4.0);
 }
 
 fn random_factors(

@@ -43,6 +43,9 @@ pub struct StageProgress {
     pub last_loss: f64,
     /// Training wall time of the stage before this checkpoint.
     pub train_seconds: f64,
+    /// The live monitor's readings so far and the auto-lambda controller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monitor: Option<crate::monitor::MonitorSnapshot>,
 }
 
 /// A checkpoint in memory.
@@ -276,6 +279,23 @@ mod tests {
                 skipped_batches: 1,
                 last_loss: 2.5,
                 train_seconds: 1.25,
+                // the monitor and the controller must round-trip too
+                monitor: Some(crate::monitor::MonitorSnapshot {
+                    records: vec![crate::monitor::MonitorRecord {
+                        step: 3,
+                        density: 0.8125,
+                        collision_rate: Some(0.5),
+                        half_width_95: 0.01,
+                        lambda: Some(1.5e-4),
+                    }],
+                    controller: Some({
+                        let mut c =
+                            nlora_math::capacity::DensityController::new(0.3, 1e-4, 0.5).unwrap();
+                        c.update(0.9);
+                        c.update(0.1);
+                        c
+                    }),
+                }),
             },
             params: vec![("a.lora_A".into(), t(0.1)), ("a.lora_B".into(), t(0.7))],
             optimizer: vec![

@@ -290,10 +290,73 @@ pub struct MethodSection {
     pub l2_lambda: f64,
     #[serde(default)]
     pub history: HistoryMode,
+    /// `--lambda auto`: lambda becomes a multiplier that a controller adjusts
+    /// during training (starting from `lambda`, carried from task to task).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_lambda: Option<AutoLambda>,
 }
 
 fn default_ortho_lambda() -> f64 {
     0.5
+}
+
+/// Automatic lambda (beyond the paper): dual ascent on
+/// `density(dW_t) <= target_density`, where density is the fraction of the
+/// current task's update with |dW| > `monitor.tau_rel` x the site's largest
+/// |dW| so far (all tasks up to this one), averaged over sites, read by the
+/// live monitor. See `nlora_math::capacity::DensityController`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoLambda {
+    pub target_density: f64,
+    /// Optimizer steps between controller updates.
+    #[serde(default = "default_auto_every")]
+    pub every: usize,
+    /// The largest move of ln(lambda) per update (the controller's rate).
+    #[serde(default = "default_auto_rate")]
+    pub rate: f64,
+}
+
+fn default_auto_every() -> usize {
+    1
+}
+
+fn default_auto_rate() -> f64 {
+    0.5
+}
+
+impl AutoLambda {
+    pub fn new(target_density: f64) -> Self {
+        Self {
+            target_density,
+            every: default_auto_every(),
+            rate: default_auto_rate(),
+        }
+    }
+}
+
+/// The live collision monitor: every `every` optimizer steps, the current
+/// task's density and its collision rate with the earlier tasks' updates,
+/// estimated on `positions` fixed random positions per site from the
+/// low-rank factors (O(positions x r) per site), at the threshold
+/// |dW| > `tau_rel` x the site's largest |dW| so far (that maximum is exact).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MonitorSection {
+    /// Optimizer steps between readings (0: off unless `method.auto_lambda`).
+    pub every: usize,
+    pub positions: usize,
+    pub tau_rel: f64,
+}
+
+impl Default for MonitorSection {
+    fn default() -> Self {
+        Self {
+            every: 10,
+            positions: 4096,
+            tau_rel: 0.01,
+        }
+    }
 }
 
 /// The reference code's lambda for its r x r form (paper orders 1-3).
@@ -317,6 +380,7 @@ impl MethodSection {
             ortho_form: OrthoForm::Code,
             l2_lambda: 0.0,
             history: HistoryMode::Stacked,
+            auto_lambda: None,
         }
     }
 
@@ -405,6 +469,8 @@ pub struct RunConfig {
     pub train: TrainSection,
     #[serde(default)]
     pub eval: EvalSection,
+    #[serde(default)]
+    pub monitor: MonitorSection,
 }
 
 pub const KNOWN_TARGET_MODULES: [&str; 11] = [
@@ -563,6 +629,46 @@ impl RunConfig {
             return bad(format!(
                 "`method.l2_lambda` must be >= 0, got {}",
                 self.method.l2_lambda
+            ));
+        }
+        if let Some(auto) = &self.method.auto_lambda {
+            if !self.method.name.uses_l1() {
+                return bad(format!(
+                    "`method.auto_lambda` adjusts the l1 penalty's lambda, but method `{}` has no l1 term: use nlora, olora+nlora, sa, sb or sab",
+                    self.method.name.as_str()
+                ));
+            }
+            if !(auto.target_density > 0.0 && auto.target_density < 1.0) {
+                return bad(format!(
+                    "`method.auto_lambda.target_density` must be a fraction of positions in (0, 1), got {}",
+                    auto.target_density
+                ));
+            }
+            if auto.every == 0 {
+                return bad(
+                    "`method.auto_lambda.every` must be at least 1 (optimizer steps)".into(),
+                );
+            }
+            if !(auto.rate.is_finite() && auto.rate > 0.0) {
+                return bad(format!(
+                    "`method.auto_lambda.rate` must be > 0, got {}",
+                    auto.rate
+                ));
+            }
+            if self.method.lambda_for(0) <= 0.0 {
+                return bad(
+                    "`method.auto_lambda` starts from `method.lambda`, which must then be > 0 (the controller works in ln lambda)"
+                        .into(),
+                );
+            }
+        }
+        if self.monitor.positions == 0 {
+            return bad("`monitor.positions` must be at least 1".into());
+        }
+        if !(self.monitor.tau_rel > 0.0 && self.monitor.tau_rel <= 1.0) {
+            return bad(format!(
+                "`monitor.tau_rel` must be in (0, 1], got {}",
+                self.monitor.tau_rel
             ));
         }
         if self.eval.batch_size == 0 {

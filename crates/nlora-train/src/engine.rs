@@ -7,6 +7,7 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use nlora_adapter::{LoraConfig, PeftAdapter};
+use nlora_math::capacity::DensityController;
 use nlora_math::metrics::accuracy::AccuracyMatrix;
 use nlora_model::lm::LanguageModel;
 use nlora_model::load::load_any_model;
@@ -20,6 +21,7 @@ use crate::error::{Result, TrainError};
 use crate::eval::{evaluate_task, EvalOptions};
 use crate::fault;
 use crate::method;
+use crate::monitor::{MonitorRecord, StageMonitor};
 use crate::rundir::{atomic_write, read_json, write_json, Results, RunDir};
 use crate::stream::{batch_config, load_stream};
 use crate::trainer::{train_stage, StageInput, StageResume, StageStats};
@@ -56,7 +58,35 @@ pub struct RunState {
     /// How far the stage after the completed ones got, if anywhere.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_progress: Option<InProgress>,
+    /// The live monitor's readings of each trained stage.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub monitor: Vec<Vec<MonitorRecord>>,
+    /// The auto-lambda controller as the last trained stage left it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controller: Option<DensityController>,
 }
+
+/// monitor.json: the live monitor's readings per task and, with auto
+/// lambda, lambda's trajectory (for `nlora report`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MonitorLog {
+    /// Relative threshold of the readings' densities and CRs.
+    pub tau_rel: f64,
+    /// Sampled positions per site.
+    pub positions: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_density: Option<f64>,
+    pub stages: Vec<MonitorStage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MonitorStage {
+    pub task: String,
+    pub readings: Vec<MonitorRecord>,
+}
+
+/// The file name of [`MonitorLog`] in a run directory.
+pub const MONITOR_FILE: &str = "monitor.json";
 
 /// A resume point inside the stage after the completed ones.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -211,6 +241,16 @@ pub fn run(cfg: RunConfig, data_dir: &Path, opts: &RunOptions) -> Result<Results
         tracing::info!("resumed: stage {} restored from {}", s + 1, dir.display());
     }
     overall.set_position(state.completed_stages as u64);
+    // The controller carries lambda from task to task (a warm start).
+    let mut controller = match (&cfg.method.auto_lambda, &state.controller) {
+        (None, _) => None,
+        (Some(_), Some(saved)) => Some(saved.clone()),
+        (Some(auto), None) => Some(DensityController::new(
+            auto.target_density,
+            cfg.method.lambda_for(0),
+            auto.rate,
+        )?),
+    };
 
     let model_name = model_path.display().to_string();
     for (s, stage_tasks) in stages.iter().enumerate().skip(state.completed_stages) {
@@ -265,6 +305,7 @@ pub fn run(cfg: RunConfig, data_dir: &Path, opts: &RunOptions) -> Result<Results
                 }
                 _ => None,
             };
+            let mut monitor = StageMonitor::new(&cfg, model.adapter_sites(), controller.take())?;
             let mut sink = |ck: &StageCheckpoint| save_checkpoint(&rd, &state_path, &mut state, ck);
             let stats = train_stage(
                 &mut model,
@@ -278,7 +319,15 @@ pub fn run(cfg: RunConfig, data_dir: &Path, opts: &RunOptions) -> Result<Results
                     dir,
                 }),
                 &mut sink,
+                monitor.as_mut(),
             )?;
+            if let Some(m) = monitor {
+                controller = m.controller;
+                state.monitor.resize(s, Vec::new());
+                state.monitor.push(m.records);
+                state.controller = controller.clone();
+                write_monitor_log(&rd, &cfg, &stream.tasks, &stages, &state)?;
+            }
             let before = resume_from.map_or(0.0, |(ck, _)| ck.progress.train_seconds);
             let secs = before + t0.elapsed().as_secs_f64();
             // Save before end_stage: it may freeze or clear the current adapter.
@@ -369,6 +418,30 @@ pub fn run(cfg: RunConfig, data_dir: &Path, opts: &RunOptions) -> Result<Results
         }),
     )?;
     Ok(results)
+}
+
+fn write_monitor_log(
+    rd: &RunDir,
+    cfg: &RunConfig,
+    tasks: &[crate::stream::StreamTask],
+    stages: &[Vec<usize>],
+    state: &RunState,
+) -> Result<()> {
+    let log = MonitorLog {
+        tau_rel: cfg.monitor.tau_rel,
+        positions: cfg.monitor.positions,
+        target_density: cfg.method.auto_lambda.as_ref().map(|a| a.target_density),
+        stages: state
+            .monitor
+            .iter()
+            .enumerate()
+            .map(|(s, readings)| MonitorStage {
+                task: stage_name(tasks, &stages[s]),
+                readings: readings.clone(),
+            })
+            .collect(),
+    };
+    write_json(&rd.root.join(MONITOR_FILE), &log)
 }
 
 /// A saved task adapter, refused when it was not trained with the run's

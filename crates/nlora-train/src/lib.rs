@@ -9,6 +9,7 @@ pub mod error;
 pub mod eval;
 pub mod fault;
 pub mod method;
+pub mod monitor;
 pub mod optim;
 pub mod presets;
 pub mod rundir;

@@ -5,7 +5,7 @@ use crate::config::{
 };
 use crate::error::{Result, TrainError};
 
-pub const PRESETS: [(&str, &str); 11] = [
+pub const PRESETS: [(&str, &str); 13] = [
     (
         "order1",
         "paper order 1 (T5-large hyperparameters: lr 1e-3, 10 epochs, batch 32)",
@@ -27,6 +27,14 @@ pub const PRESETS: [(&str, &str); 11] = [
     (
         "mini-order1",
         "CPU-sized order 1 on SmolLM2-135M: subsets, 1 epoch, short prompts",
+    ),
+    (
+        "mini-order2",
+        "CPU-sized order 2 on SmolLM2-135M (as mini-order1)",
+    ),
+    (
+        "mini-order3",
+        "CPU-sized order 3 on SmolLM2-135M (as mini-order1)",
     ),
     (
         "smoke",
@@ -79,7 +87,7 @@ pub fn preset(name: &str, method: MethodName, l1_form: L1Form) -> Result<RunConf
             train.lr = PerTask::One(1e-4);
             train.epochs = PerTask::List(vec![5, 10, 1, 1]);
         }
-        "mini-order1" => {
+        "mini-order1" | "mini-order2" | "mini-order3" => {
             data.max_train_per_task = Some(MINI_TRAIN);
             data.max_test_per_task = Some(MINI_TEST);
             data.validation_per_task = MINI_VALIDATION;
@@ -111,20 +119,13 @@ pub fn preset(name: &str, method: MethodName, l1_form: L1Form) -> Result<RunConf
         train.grad_accum = 8;
     }
     if name != "smoke" {
-        data.order = Some(
-            if name == "mini-order1" {
-                "order1"
-            } else {
-                order
-            }
-            .to_string(),
-        );
+        data.order = Some(name.strip_prefix("mini-").unwrap_or(order).to_string());
     }
     if l1_form == L1Form::ReferenceCode && method.uses_l1() && !name.starts_with("mini") {
         method_section.lambda = Some(paper_lambda(name));
     }
     let mut eval = crate::config::EvalSection::default();
-    if name == "mini-order1" || name == "smoke" {
+    if name.starts_with("mini-") || name == "smoke" {
         // Rank classification scores every label per example: too slow for
         // a CPU budget; exact match (the reference's metric) only.
         eval.rank_classification = false;
@@ -137,6 +138,7 @@ pub fn preset(name: &str, method: MethodName, l1_form: L1Form) -> Result<RunConf
         method: method_section,
         train,
         eval,
+        monitor: Default::default(),
     })
 }
 

@@ -48,6 +48,7 @@ pub fn tiny_run_config(model: &Path, method: MethodName) -> RunConfig {
         method: MethodSection::new(method),
         train: Default::default(),
         eval: Default::default(),
+        monitor: Default::default(),
     };
     cfg.model.path = Some(model.to_path_buf());
     cfg.model.r = 4;

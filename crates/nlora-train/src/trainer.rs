@@ -20,6 +20,7 @@ use crate::config::{OnNonFinite, RunConfig, Schedule};
 use crate::error::{Result, TrainError};
 use crate::fault::{self, NanPart};
 use crate::method::Method;
+use crate::monitor::{describe, StageMonitor};
 use crate::optim::{AdamW, AdamWParams};
 
 /// What a stage did, for results and logs.
@@ -123,6 +124,7 @@ pub fn train_stage(
     bar: &ProgressBar,
     resume: Option<StageResume<'_>>,
     on_checkpoint: &mut CheckpointSink<'_>,
+    mut monitor: Option<&mut StageMonitor>,
 ) -> Result<StageStats> {
     let stage = input.stage;
     let named = named_trainable(model.adapter_sites());
@@ -182,7 +184,22 @@ pub fn train_stage(
         micro = p.micro;
         start_batch = p.batches_done;
         seconds_before = p.train_seconds;
+        if let (Some(m), Some(snapshot)) = (monitor.as_deref_mut(), &p.monitor) {
+            m.restore(snapshot);
+        }
     }
+    if let Some(c) = monitor.as_deref().and_then(|m| m.controller.as_ref()) {
+        if !method.set_lambda(c.lambda()) {
+            return Err(TrainError::Config(format!(
+                "`method.auto_lambda` needs an l1 term, and method `{}` has none",
+                method.name()
+            )));
+        }
+    }
+    let mut reading = monitor
+        .as_deref()
+        .and_then(|m| m.records.last())
+        .map(describe);
     bar.set_length(total_batches as u64);
     bar.set_position(start_batch as u64);
     let device = model.device().clone();
@@ -301,6 +318,22 @@ pub fn train_stage(
             if micro % accum == 0 || (last_of_epoch && epoch + 1 == epochs) {
                 let grads = acc_grads.take().expect("accumulated above");
                 optimizer_step(&mut opt, grads, &mut stats)?;
+                if let Some(m) = monitor.as_deref_mut() {
+                    if m.due(stats.steps, total_steps) {
+                        let r = m.read(model.adapter_sites(), stats.steps)?;
+                        if let Some(l) = r.lambda {
+                            method.set_lambda(l);
+                        }
+                        tracing::info!(
+                            "task {} ({}) step {}/{total_steps}: {}",
+                            stage + 1,
+                            input.task_name,
+                            stats.steps,
+                            describe(&r)
+                        );
+                        reading = Some(describe(&r));
+                    }
+                }
                 let every = cfg.train.checkpoint_every;
                 // The stage's last step needs none: the task end saves the adapter.
                 if every > 0 && stats.steps % every == 0 && counter + 1 < total_batches {
@@ -314,6 +347,7 @@ pub fn train_stage(
                             skipped_batches: stats.skipped_batches,
                             last_loss: stats.last_loss,
                             train_seconds: seconds_before + started.elapsed().as_secs_f64(),
+                            monitor: monitor.as_deref().map(StageMonitor::snapshot),
                         },
                         params: names
                             .iter()
@@ -329,11 +363,15 @@ pub fn train_stage(
             let parts_text: Vec<String> =
                 shown.iter().map(|(n, v)| format!("{n} {v:.4}")).collect();
             bar.set_message(format!(
-                "epoch {}/{epochs} loss {:.4} ({}) {:.0} tok/s",
+                "epoch {}/{epochs} loss {:.4} ({}) {:.0} tok/s{}",
                 epoch + 1,
                 stats.last_loss,
                 parts_text.join(", "),
-                (stats.tokens - tokens_before) as f64 / secs
+                (stats.tokens - tokens_before) as f64 / secs,
+                reading
+                    .as_deref()
+                    .map(|r| format!(" | {r}"))
+                    .unwrap_or_default()
             ));
             bar.inc(1);
             if stats.steps > 0 && micro % (accum * 10) == 0 {

@@ -19,6 +19,7 @@ fn config(model: &Path, on_nonfinite: OnNonFinite) -> RunConfig {
         method: MethodSection::new(MethodName::NLora),
         train: Default::default(),
         eval: Default::default(),
+        monitor: Default::default(),
     };
     cfg.model.path = Some(model.to_path_buf());
     cfg.model.r = 4;

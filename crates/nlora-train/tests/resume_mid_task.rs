@@ -24,6 +24,7 @@ fn config(model: &Path, method: MethodName, history: HistoryMode) -> RunConfig {
         method: MethodSection::new(method),
         train: Default::default(),
         eval: Default::default(),
+        monitor: Default::default(),
     };
     cfg.model.path = Some(model.to_path_buf());
     cfg.model.r = 4;

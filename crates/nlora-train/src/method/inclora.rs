@@ -2,6 +2,8 @@
 //! frozen (stacked beside the base weight, or merged into it). O-LoRA,
 //! N-LoRA, O-LoRA+N-LoRA and the sparsity ablations differ from IncLoRA only
 //! in the penalty on the current adapter, so they share this file.
+use std::cell::Cell;
+
 use nlora_adapter::{AdapterSites, LoraConfig};
 use nlora_math::penalty::{
     factor_l1, nlora_l1, olora_l2, olora_orthogonality, FactorSparsity, NLoraForm,
@@ -68,6 +70,10 @@ pub struct IncLora {
     name: MethodName,
     history: HistoryMode,
     penalties: Penalties,
+    /// The controller's lambda (`method.auto_lambda`), replacing the
+    /// configured one for the l1 terms; a Cell because it changes between
+    /// steps while the trainer holds the method by shared reference.
+    auto_lambda: Cell<Option<f64>>,
 }
 
 impl IncLora {
@@ -76,6 +82,7 @@ impl IncLora {
             name,
             history,
             penalties,
+            auto_lambda: Cell::new(None),
         }
     }
 }
@@ -104,15 +111,16 @@ impl Method for IncLora {
             return Ok(parts);
         }
         let view = penalty_sites(sites);
+        let lambda_at = |lambda: &PerTask<f64>| self.auto_lambda.get().unwrap_or(lambda.get(stage));
         if let Some((lambda, form)) = &p.nlora {
-            let l = lambda.get(stage);
+            let l = lambda_at(lambda);
             if l > 0.0 {
                 let value = nlora_l1(&view, l, *form)?;
                 parts.push(LossPart { name: "l1", value });
             }
         }
         if let Some((lambda, which)) = &p.factor {
-            let l = lambda.get(stage);
+            let l = lambda_at(lambda);
             if l > 0.0 {
                 let value = factor_l1(&view, l, *which)?;
                 parts.push(LossPart { name: "l1", value });
@@ -132,6 +140,14 @@ impl Method for IncLora {
             parts.push(LossPart { name: "l2", value });
         }
         Ok(parts)
+    }
+
+    fn set_lambda(&self, lambda: f64) -> bool {
+        if self.penalties.nlora.is_none() && self.penalties.factor.is_none() {
+            return false;
+        }
+        self.auto_lambda.set(Some(lambda));
+        true
     }
 
     fn end_stage(&mut self, sites: &mut AdapterSites, _stage: usize) -> Result<()> {

@@ -49,6 +49,13 @@ pub trait Method {
         Ok(Vec::new())
     }
 
+    /// `method.auto_lambda`: the l1 term's lambda from now on, set by the
+    /// density controller between steps. False when the method has no l1
+    /// term (config validation refuses auto lambda for those).
+    fn set_lambda(&self, _lambda: f64) -> bool {
+        false
+    }
+
     /// After a stage's last step, once its adapter has been saved.
     fn end_stage(&mut self, sites: &mut AdapterSites, stage: usize) -> Result<()>;
 
