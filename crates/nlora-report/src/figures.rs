@@ -10,6 +10,9 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use plotters::style::FontTransform;
 
+use nlora_train::analysis::CapacityPoint;
+use nlora_train::monitor::MonitorRecord;
+
 use crate::collision::{Cell, CollisionMap};
 use crate::error::{ReportError, Result};
 
@@ -674,6 +677,476 @@ pub fn ablation_bars(title: &str, bars: &[AblationBar]) -> Result<Vec<u8>> {
                 centered(15),
             )
         }))?;
+        Ok(())
+    })
+}
+
+/// How a legend entry's swatch is drawn.
+#[derive(Clone, Copy)]
+enum Swatch {
+    Line,
+    Dashed,
+    /// A line over its (paler) band.
+    Band,
+}
+
+/// A legend laid out in rows above a plot (so it never hides data): entries
+/// flow left to right from `(x0, y0)` and wrap before `width`; returns the
+/// y below the last row.
+fn legend_rows(
+    area: &Area,
+    entries: &[(RGBColor, String, Swatch)],
+    (x0, y0): (i32, i32),
+    width: i32,
+) -> std::result::Result<i32, Box<dyn std::error::Error>> {
+    let style = font(13);
+    let row_h = 20;
+    let (mut x, mut y) = (x0, y0);
+    for (color, label, swatch) in entries {
+        let (tw, _) = area.estimate_text_size(label, &style)?;
+        let item = 28 + tw as i32 + 22;
+        if x > x0 && x + item > x0 + width {
+            x = x0;
+            y += row_h;
+        }
+        match swatch {
+            Swatch::Line => {
+                area.draw(&PathElement::new(
+                    vec![(x, y), (x + 22, y)],
+                    color.stroke_width(2),
+                ))?;
+            }
+            Swatch::Dashed => {
+                for k in 0..3 {
+                    area.draw(&PathElement::new(
+                        vec![(x + 8 * k, y), (x + 8 * k + 5, y)],
+                        color.stroke_width(2),
+                    ))?;
+                }
+            }
+            Swatch::Band => {
+                area.draw(&Rectangle::new(
+                    [(x, y - 6), (x + 22, y + 6)],
+                    color.mix(0.18).filled(),
+                ))?;
+                area.draw(&PathElement::new(
+                    vec![(x, y), (x + 22, y)],
+                    color.stroke_width(2),
+                ))?;
+            }
+        }
+        area.draw(&Text::new(
+            label.clone(),
+            (x + 28, y),
+            style.pos(Pos::new(HPos::Left, VPos::Center)),
+        ))?;
+        x += item;
+    }
+    Ok(y + row_h / 2)
+}
+
+/// The monitor figure with a lambda panel (auto lambda) and without.
+pub const MONITOR_SIZE: (u32, u32) = (960, 660);
+pub const MONITOR_SIZE_FIXED_LAMBDA: (u32, u32) = (960, 420);
+pub const CAPACITY_SIZE: (u32, u32) = (1040, 470);
+
+/// One value of a monitor reading (the density, or the CR when there is one).
+type Reading = dyn Fn(&MonitorRecord) -> Option<f64>;
+
+/// The size of [`monitor`]'s figure: with a lambda panel when there is a
+/// lambda trajectory.
+pub fn monitor_size(lambda: &[(f64, f64)]) -> (u32, u32) {
+    if lambda.is_empty() {
+        MONITOR_SIZE_FIXED_LAMBDA
+    } else {
+        MONITOR_SIZE
+    }
+}
+
+/// One task of the monitor figure: its readings, steps counted within the task.
+#[derive(Debug, Clone)]
+pub struct MonitorTrace {
+    pub task: String,
+    pub readings: Vec<MonitorRecord>,
+}
+
+/// Where each task starts on the run's step axis, and the axis' end: a task
+/// spans its last reading's step (the monitor always reads the last step);
+/// a task without readings gets the longest other task's span.
+pub fn monitor_offsets(stages: &[MonitorTrace]) -> (Vec<usize>, usize) {
+    let spans: Vec<Option<usize>> = stages
+        .iter()
+        .map(|s| s.readings.iter().map(|r| r.step).max())
+        .collect();
+    let fallback = spans.iter().flatten().copied().max().unwrap_or(1).max(1);
+    let mut offsets = Vec::with_capacity(stages.len());
+    let mut at = 0;
+    for span in &spans {
+        offsets.push(at);
+        at += span.unwrap_or(fallback).max(1);
+    }
+    (offsets, at.max(1))
+}
+
+/// The live monitor over the whole run: top, the current task's density with
+/// its 95 % band and its collision rate with the earlier tasks (and the target
+/// density, dashed, with auto lambda); bottom, lambda on a log axis when
+/// `lambda` holds (step, lambda) on the run's step axis.
+pub fn monitor(
+    title: &str,
+    stages: &[MonitorTrace],
+    target: Option<f64>,
+    lambda: &[(f64, f64)],
+) -> Result<Vec<u8>> {
+    let has_lambda = !lambda.is_empty();
+    render("monitor", monitor_size(lambda), |root| {
+        let (offsets, total) = monitor_offsets(stages);
+        let total = total as f64;
+        let xy = |s: usize, r: &MonitorRecord| (offsets[s] + r.step) as f64;
+        let few = stages.iter().map(|s| s.readings.len()).sum::<usize>() <= 80;
+        let top = stages
+            .iter()
+            .flat_map(|s| &s.readings)
+            .map(|r| (r.density + r.half_width_95).max(r.collision_rate.unwrap_or(0.0)))
+            .chain(target)
+            .fold(0.0, f64::max);
+        // Headroom for the task names along the top.
+        let y_max = (top * 1.15).clamp(0.02, 1.15);
+        let (w, h) = root.dim_in_pixel();
+        let (upper, lower) = root.split_vertically(if has_lambda { h * 60 / 100 } else { h });
+        upper.draw(&Text::new(
+            title.to_string(),
+            (w as i32 / 2, 16),
+            centered(19),
+        ))?;
+        let mut entries = vec![
+            (
+                BLUE,
+                "density of the current task (band: 95 %)".to_string(),
+                Swatch::Band,
+            ),
+            (
+                RED,
+                "CR with the earlier tasks (band: 95 %)".to_string(),
+                Swatch::Band,
+            ),
+        ];
+        if let Some(t) = target {
+            entries.push((BLACK, format!("target density {t}"), Swatch::Dashed));
+        }
+        let legend_end = legend_rows(&upper, &entries, (84, 42), w as i32 - 110)?;
+        let x_desc = "optimizer step (the tasks one after another)";
+        let mut chart = ChartBuilder::on(&upper.margin(legend_end as u32 + 4, 0, 0, 0))
+            .margin(12)
+            .margin_right(24)
+            .x_label_area_size(if has_lambda { 28 } else { 50 })
+            .y_label_area_size(72)
+            .build_cartesian_2d(0f64..total, 0f64..y_max)?;
+        let mut mesh = chart.configure_mesh();
+        mesh.x_labels(10)
+            .y_labels(6)
+            .x_label_formatter(&|v| format!("{v:.0}"))
+            .label_style(font(13))
+            .axis_desc_style(font(15))
+            .y_desc("fraction of positions")
+            .light_line_style(RGBColor(235, 235, 235));
+        if !has_lambda {
+            mesh.x_desc(x_desc);
+        }
+        mesh.draw()?;
+        for &x in offsets.iter().skip(1) {
+            chart.draw_series(DashedLineSeries::new(
+                [(x as f64, 0.0), (x as f64, y_max)],
+                6,
+                4,
+                RGBColor(70, 70, 70).stroke_width(2),
+            ))?;
+        }
+        let band = |lo: &Reading, s: usize| -> Vec<(f64, f64)> {
+            let rs = &stages[s].readings;
+            let mut pts: Vec<(f64, f64)> = rs
+                .iter()
+                .filter_map(|r| lo(r).map(|v| (xy(s, r), (v + r.half_width_95).min(1.0))))
+                .collect();
+            pts.extend(
+                rs.iter()
+                    .rev()
+                    .filter_map(|r| lo(r).map(|v| (xy(s, r), (v - r.half_width_95).max(0.0)))),
+            );
+            pts
+        };
+        let series: [(RGBColor, &Reading); 2] =
+            [(BLUE, &|r| Some(r.density)), (RED, &|r| r.collision_rate)];
+        for (color, value) in series {
+            for (s, stage) in stages.iter().enumerate() {
+                let pts: Vec<(f64, f64)> = stage
+                    .readings
+                    .iter()
+                    .filter_map(|r| value(r).map(|v| (xy(s, r), v)))
+                    .collect();
+                if pts.is_empty() {
+                    continue;
+                }
+                let b = band(value, s);
+                if pts.len() >= 2 {
+                    chart
+                        .draw_series(std::iter::once(Polygon::new(b, color.mix(0.18).filled())))?;
+                } else {
+                    // One reading: the band as an error bar.
+                    chart.draw_series(std::iter::once(PathElement::new(
+                        vec![b[0], b[1]],
+                        color.mix(0.5).stroke_width(2),
+                    )))?;
+                }
+                chart.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?;
+                if few {
+                    chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+                }
+            }
+        }
+        if let Some(t) = target {
+            chart.draw_series(DashedLineSeries::new(
+                [(0.0, t), (total, t)],
+                10,
+                6,
+                BLACK.stroke_width(2),
+            ))?;
+        }
+        for (s, stage) in stages.iter().enumerate() {
+            let end = offsets.get(s + 1).map_or(total, |&o| o as f64);
+            let mid = (offsets[s] as f64 + end) / 2.0;
+            chart.draw_series(std::iter::once(Text::new(
+                format!("{} {}", s + 1, truncate(&stage.task, 14)),
+                (mid, y_max),
+                font(13).pos(Pos::new(HPos::Center, VPos::Top)),
+            )))?;
+        }
+
+        if !has_lambda {
+            return Ok(());
+        }
+        let lo = lambda.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+        let hi = lambda.iter().map(|p| p.1).fold(0.0, f64::max);
+        let (lo, hi) = if hi > lo * 1.5 {
+            (lo / 1.3, hi * 1.3)
+        } else {
+            (lo / 2.0, hi * 2.0)
+        };
+        let mut chart = ChartBuilder::on(&lower)
+            .margin(12)
+            .margin_right(24)
+            .x_label_area_size(50)
+            .y_label_area_size(72)
+            .build_cartesian_2d(
+                0f64..total,
+                (lo..hi).log_scale().with_key_points(log_ticks(lo, hi)),
+            )?;
+        chart
+            .configure_mesh()
+            .x_labels(10)
+            .x_label_formatter(&|v| format!("{v:.0}"))
+            .y_label_formatter(&|v| format!("{v:.1e}"))
+            .label_style(font(13))
+            .axis_desc_style(font(15))
+            .x_desc(x_desc)
+            .y_desc("λ after each reading (log)")
+            .light_line_style(RGBColor(235, 235, 235))
+            .draw()?;
+        for &x in offsets.iter().skip(1) {
+            chart.draw_series(DashedLineSeries::new(
+                [(x as f64, lo), (x as f64, hi)],
+                6,
+                4,
+                RGBColor(70, 70, 70).stroke_width(2),
+            ))?;
+        }
+        // lambda holds from a reading until the next one: a step line.
+        let mut path = Vec::with_capacity(2 * lambda.len());
+        for (k, &(x, l)) in lambda.iter().enumerate() {
+            if k > 0 {
+                path.push((x, lambda[k - 1].1));
+            }
+            path.push((x, l));
+        }
+        let purple = RGBColor(148, 103, 189);
+        chart.draw_series(LineSeries::new(path, purple.stroke_width(2)))?;
+        if lambda.len() <= 80 {
+            chart.draw_series(lambda.iter().map(|&p| Circle::new(p, 3, purple.filled())))?;
+        }
+        Ok(())
+    })
+}
+
+/// Ticks of a log axis over [lo, hi]: the powers of ten when it spans two
+/// decades or more, else five geometrically spaced values rounded to two
+/// significant digits (plotters' own log ticks leave a narrow range with one
+/// label or none).
+fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let (a, b) = (lo.log10(), hi.log10());
+    if b - a >= 2.0 {
+        return (a.ceil() as i32..=b.floor() as i32)
+            .map(|e| 10f64.powi(e))
+            .collect();
+    }
+    let round2 = |v: f64| {
+        let e = 10f64.powi(v.log10().floor() as i32 - 1);
+        (v / e).round() * e
+    };
+    let mut ticks: Vec<f64> = (1..=5)
+        .map(|k| round2(10f64.powf(a + (b - a) * k as f64 / 6.0)))
+        .collect();
+    ticks.dedup();
+    ticks
+}
+
+/// One run of the capacity figure: where it stands after its `tasks` tasks
+/// and the forecast points (more_tasks = N).
+#[derive(Debug, Clone)]
+pub struct CapacityCurve {
+    pub label: String,
+    pub tasks: usize,
+    /// Measured mean CR over the run's pairs (None with one task).
+    pub measured_acr: Option<f64>,
+    pub used_fraction: f64,
+    pub forecast: Vec<CapacityPoint>,
+}
+
+/// Expected ACR (left) and used fraction of positions (right) against the
+/// total number of tasks, log x: solid Theorem 2 (independent supports),
+/// dashed scaled by the run's measured independence ratio.
+pub fn capacity(title: &str, curves: &[CapacityCurve]) -> Result<Vec<u8>> {
+    render("capacity", CAPACITY_SIZE, |root| {
+        let (w, _) = root.dim_in_pixel();
+        root.draw(&Text::new(
+            title.to_string(),
+            (w as i32 / 2, 16),
+            centered(19),
+        ))?;
+        let grey = RGBColor(90, 90, 90);
+        let mut entries: Vec<(RGBColor, String, Swatch)> = curves
+            .iter()
+            .enumerate()
+            .map(|(k, c)| (task_color(k), truncate(&c.label, 28), Swatch::Line))
+            .collect();
+        entries.push((
+            grey,
+            "Theorem 2: new pairs independent".into(),
+            Swatch::Line,
+        ));
+        entries.push((
+            grey,
+            "scaled by measured / independent".into(),
+            Swatch::Dashed,
+        ));
+        let legend_end = legend_rows(root, &entries, (80, 42), w as i32 - 100)?;
+        let body = root.margin(legend_end as u32 + 4, 0, 0, 0);
+        let (left, right) = body.split_horizontally(w * 56 / 100);
+        // Ticks where the points are: each run's task count and its horizons.
+        let mut ticks: Vec<f64> = curves
+            .iter()
+            .flat_map(|c| {
+                std::iter::once(c.tasks)
+                    .chain(c.forecast.iter().map(move |p| c.tasks + p.more_tasks))
+            })
+            .map(|t| t as f64)
+            .collect();
+        ticks.sort_by(f64::total_cmp);
+        ticks.dedup();
+        let x_lo = ticks.first().copied().unwrap_or(1.0).max(1.0);
+        let x_hi = ticks.last().copied().unwrap_or(2.0).max(x_lo + 1.0);
+        let (x_lo, x_hi) = (x_lo * 0.85, x_hi * 1.15);
+        let acr_top = curves
+            .iter()
+            .flat_map(|c| {
+                c.forecast
+                    .iter()
+                    .flat_map(|p| [p.expected_acr, p.expected_acr_observed_ratio])
+                    .chain(c.measured_acr)
+            })
+            .fold(0.0, f64::max);
+        let acr_max = (acr_top * 1.1).clamp(1e-6, 1.0);
+        let acr_label = move |v: &f64| {
+            if acr_max >= 0.05 {
+                format!("{v:.2}")
+            } else {
+                format!("{v:.1e}")
+            }
+        };
+        let x_label = |v: &f64| format!("{v:.0}");
+        let mut acr = ChartBuilder::on(&left)
+            .margin(12)
+            .x_label_area_size(48)
+            .y_label_area_size(72)
+            .build_cartesian_2d(
+                (x_lo..x_hi).log_scale().with_key_points(ticks.clone()),
+                0f64..acr_max,
+            )?;
+        acr.configure_mesh()
+            .y_labels(6)
+            .x_label_formatter(&x_label)
+            .y_label_formatter(&acr_label)
+            .label_style(font(13))
+            .axis_desc_style(font(15))
+            .x_desc("total number of tasks (log scale)")
+            .y_desc("expected ACR")
+            .light_line_style(RGBColor(235, 235, 235))
+            .draw()?;
+        let mut used = ChartBuilder::on(&right)
+            .margin(12)
+            .x_label_area_size(48)
+            .y_label_area_size(64)
+            .build_cartesian_2d(
+                (x_lo..x_hi).log_scale().with_key_points(ticks.clone()),
+                0f64..1.0,
+            )?;
+        used.configure_mesh()
+            .y_labels(6)
+            .x_label_formatter(&x_label)
+            .label_style(font(13))
+            .axis_desc_style(font(15))
+            .x_desc("total number of tasks (log scale)")
+            .y_desc("expected used fraction of positions")
+            .light_line_style(RGBColor(235, 235, 235))
+            .draw()?;
+        for (k, c) in curves.iter().enumerate() {
+            let color = task_color(k);
+            let t = c.tasks as f64;
+            let at = |p: &CapacityPoint| (c.tasks + p.more_tasks) as f64;
+            // N = 0 is the run as measured; with one task there is no CR yet.
+            let start: Vec<(f64, f64)> = c.measured_acr.map(|m| (t, m)).into_iter().collect();
+            let independent: Vec<(f64, f64)> = start
+                .iter()
+                .copied()
+                .chain(c.forecast.iter().map(|p| (at(p), p.expected_acr)))
+                .collect();
+            let observed: Vec<(f64, f64)> = start
+                .iter()
+                .copied()
+                .chain(
+                    c.forecast
+                        .iter()
+                        .map(|p| (at(p), p.expected_acr_observed_ratio)),
+                )
+                .collect();
+            acr.draw_series(LineSeries::new(independent.clone(), color.stroke_width(2)))?;
+            acr.draw_series(DashedLineSeries::new(
+                observed.clone(),
+                6,
+                4,
+                color.stroke_width(2),
+            ))?;
+            acr.draw_series(
+                independent
+                    .iter()
+                    .chain(&observed)
+                    .map(|&p| Circle::new(p, 3, color.filled())),
+            )?;
+            let fill: Vec<(f64, f64)> = std::iter::once((t, c.used_fraction))
+                .chain(c.forecast.iter().map(|p| (at(p), p.expected_used_fraction)))
+                .collect();
+            used.draw_series(LineSeries::new(fill.clone(), color.stroke_width(2)))?;
+            used.draw_series(fill.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+        }
         Ok(())
     })
 }

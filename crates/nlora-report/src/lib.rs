@@ -8,10 +8,13 @@
 //! - the collision map of one site and two tasks (Fig. 2);
 //! - the first task's nuclear norm per site (Fig. 3), one y scale for all runs;
 //! - GSR against ACR, one point per run, coloured by forgetting (Fig. 5);
-//! - the sparsity ablation (Fig. 6) when its runs are among the inputs.
+//! - the sparsity ablation (Fig. 6) when its runs are among the inputs;
+//! - beyond the paper: the capacity forecast (used fraction of positions,
+//!   measured vs Theorem 2 CR, expected ACR after more tasks) and, per run,
+//!   the live monitor's density, CR and auto lambda over training.
 //!
 //! Numbers come from results.json and metrics.json (`nlora run`, `nlora
-//! metrics`); the collision map reads the task adapters through
+//! metrics`) and monitor.json (the live monitor); the collision map reads the task adapters through
 //! nlora-train's analysis, the same code that wrote metrics.json.
 use std::path::{Path, PathBuf};
 
@@ -471,6 +474,284 @@ fn collision_section(
     Ok(sec)
 }
 
+/// A fraction as the capacity table prints it: four decimals, or three
+/// significant digits in scientific form below 0.01 (CRs of sparse updates
+/// are often 1e-4 and would print as 0.0001).
+fn frac(v: f64) -> String {
+    if v != 0.0 && v.abs() < 0.01 {
+        format!("{v:.3e}")
+    } else {
+        format!("{v:.4}")
+    }
+}
+
+fn capacity_section(runs: &[Run]) -> Result<Section> {
+    let mut sec = Section::new(
+        "Capacity forecast (beyond the paper)",
+        "How much room the runs leave (from metrics.json, mean over adapter sites): the used fraction of \
+         positions (non-zero in at least one task's dW), the mean density s of a task's dW, the measured mean CR \
+         over task pairs (the ACR), Theorem 2's CR for independent supports (mean over pairs of s_i s_j) and their \
+         ratio (1: supports independent; above 1: tasks crowd the same positions). The forecast adds N tasks at \
+         the mean density: expected ACR over all tasks with the new pairs independent (Theorem 2), and with the new \
+         pairs scaled by the measured ratio; expected used fraction 1 - (1 - used)(1 - s)^N.",
+    );
+    let mut horizons: Vec<usize> = runs
+        .iter()
+        .filter_map(|r| r.metrics.as_ref()?.capacity.as_ref())
+        .flat_map(|c| c.forecast.iter().map(|p| p.more_tasks))
+        .collect();
+    horizons.sort_unstable();
+    horizons.dedup();
+    let mut rows = Vec::new();
+    let mut curves = Vec::new();
+    let mut taus: Vec<String> = Vec::new();
+    for r in runs {
+        let Some(m) = &r.metrics else {
+            sec.notes.push(format!(
+                "{}: no capacity forecast (metrics.json missing or unreadable; run `nlora metrics {}`).",
+                r.name,
+                r.dir.display()
+            ));
+            continue;
+        };
+        let Some(c) = &m.capacity else {
+            sec.notes.push(format!(
+                "{}: metrics.json has no capacity forecast (written before nlora had one); \
+                 run `nlora metrics {}` again.",
+                r.name,
+                r.dir.display()
+            ));
+            continue;
+        };
+        if !taus.contains(&m.threshold) {
+            taus.push(m.threshold.clone());
+        }
+        let mut row = vec![
+            r.name.clone(),
+            m.tasks.len().to_string(),
+            frac(c.used_fraction),
+            frac(c.mean_density),
+            c.measured_mean_cr.map(frac).unwrap_or_else(|| "—".into()),
+            c.independent_mean_cr
+                .map(frac)
+                .unwrap_or_else(|| "—".into()),
+            num(c.independence_ratio, 3),
+        ];
+        for h in &horizons {
+            row.push(
+                c.forecast
+                    .iter()
+                    .find(|p| p.more_tasks == *h)
+                    .map(|p| {
+                        format!(
+                            "{} / {}",
+                            frac(p.expected_acr),
+                            frac(p.expected_acr_observed_ratio)
+                        )
+                    })
+                    .unwrap_or_else(|| "—".into()),
+            );
+        }
+        if let Some(&last) = horizons.last() {
+            row.push(
+                c.forecast
+                    .iter()
+                    .find(|p| p.more_tasks == last)
+                    .map(|p| frac(p.expected_used_fraction))
+                    .unwrap_or_else(|| "—".into()),
+            );
+        }
+        rows.push(row);
+        curves.push(figures::CapacityCurve {
+            label: r.name.clone(),
+            tasks: m.tasks.len(),
+            measured_acr: c.measured_mean_cr,
+            used_fraction: c.used_fraction,
+            forecast: c.forecast.clone(),
+        });
+    }
+    if rows.is_empty() {
+        return Ok(sec);
+    }
+    let tau = match taus.as_slice() {
+        [one] => one.clone(),
+        _ => {
+            sec.notes.push(format!(
+                "the runs' thresholds differ ({}); their capacities are not comparable.",
+                taus.join("; ")
+            ));
+            "thresholds differ".into()
+        }
+    };
+    let mut header: Vec<String> = [
+        "run",
+        "tasks",
+        "used fraction",
+        "density per task",
+        "measured mean CR",
+        "independent mean CR (Thm 2)",
+        "measured / independent",
+    ]
+    .iter()
+    .map(|h| h.to_string())
+    .collect();
+    header.extend(
+        horizons
+            .iter()
+            .map(|h| format!("ACR after +{h} (indep. / × ratio)")),
+    );
+    if let Some(last) = horizons.last() {
+        header.push(format!("used after +{last}"));
+    }
+    sec.tables.push(Table {
+        id: "capacity",
+        caption: format!(
+            "Capacity per run (mean over sites; non-zero means {tau}). \"ACR after +N\": expected ACR over all \
+             tasks after N more, new pairs independent / scaled by the measured ratio."
+        ),
+        header,
+        rows,
+    });
+    sec.figures.push(Figure {
+        file: "capacity.png".into(),
+        alt: "expected ACR and used fraction against the number of tasks".into(),
+        caption: format!(
+            "Expected ACR (left) and used fraction of positions (right) against the total number of tasks, \
+             for {} run(s); the first point of a line is the run as measured, the next ones add {} tasks. \
+             Solid: new pairs independent (Theorem 2); dashed: scaled by the run's measured / independent ratio. \
+             Non-zero means {tau}.",
+            curves.len(),
+            horizons
+                .iter()
+                .map(|h| h.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        size: figures::CAPACITY_SIZE,
+        png: figures::capacity("Capacity forecast: more tasks at the observed density", &curves)?,
+    });
+    Ok(sec)
+}
+
+fn monitor_section(runs: &[Run]) -> Result<Section> {
+    let mut sec = Section::new(
+        "Live collision monitor and automatic lambda (beyond the paper)",
+        "What the live monitor read during training (monitor.json), the tasks one after another: the current \
+         task's density (fraction of its dW's positions above tau) with its 95 % Hoeffding band, and its collision \
+         rate with the earlier tasks' updates (same tau, mean over those tasks), both means over adapter sites, \
+         estimated on a fixed random sample of positions per site from the low-rank factors. With --lambda auto, \
+         the target density is the dashed line and the lower panel shows lambda as the controller set it after \
+         each reading.",
+    );
+    for r in runs {
+        let Some(log) = &r.monitor else {
+            sec.notes.push(format!(
+                "{}: no monitor.json (trained before nlora had the live monitor, or with monitor.every = 0 and a \
+                 fixed lambda): no monitor figure.",
+                r.name
+            ));
+            continue;
+        };
+        let traces: Vec<figures::MonitorTrace> = log
+            .stages
+            .iter()
+            .map(|s| figures::MonitorTrace {
+                task: s.task.clone(),
+                readings: s.readings.clone(),
+            })
+            .collect();
+        let readings = traces.iter().map(|t| t.readings.len()).sum::<usize>();
+        if readings == 0 {
+            sec.notes.push(format!(
+                "{}: monitor.json holds no readings: no monitor figure.",
+                r.name
+            ));
+            continue;
+        }
+        let (offsets, _) = figures::monitor_offsets(&traces);
+        let mut lambda: Vec<(f64, f64)> = Vec::new();
+        let auto = traces
+            .iter()
+            .flat_map(|t| &t.readings)
+            .any(|x| x.lambda.is_some());
+        if auto {
+            // Before the first reading the controller holds the configured lambda.
+            if let Some(c) = &r.config {
+                lambda.push((0.0, c.method.lambda_for(0)));
+            }
+            for (s, t) in traces.iter().enumerate() {
+                for x in &t.readings {
+                    if let Some(l) = x.lambda {
+                        lambda.push(((offsets[s] + x.step) as f64, l));
+                    }
+                }
+            }
+        }
+        let last: Vec<String> = traces
+            .iter()
+            .filter_map(|t| {
+                let x = t.readings.last()?;
+                let mut s = format!("{} ρ {:.3}", t.task, x.density);
+                if let Some(cr) = x.collision_rate {
+                    s.push_str(&format!(", CR {cr:.3}"));
+                }
+                if let Some(l) = x.lambda {
+                    s.push_str(&format!(", λ {l:.2e}"));
+                }
+                Some(s)
+            })
+            .collect();
+        let max_hw = traces
+            .iter()
+            .flat_map(|t| &t.readings)
+            .map(|x| x.half_width_95)
+            .fold(0.0, f64::max);
+        let lambda_text = match log.target_density {
+            Some(t) => format!("auto lambda, target density {t}"),
+            None => match &r.config {
+                Some(c) => format!(
+                    "fixed lambda ({}), no lambda panel",
+                    c.method
+                        .lambda
+                        .as_ref()
+                        .map(|_| format!("{:.2e} for task 1", c.method.lambda_for(0)))
+                        .unwrap_or_else(|| "the method's default".into())
+                ),
+                None => "fixed lambda, no lambda panel".into(),
+            },
+        };
+        let title = format!(
+            "{} ({}): live monitor, {}",
+            r.name,
+            r.method(),
+            if log.target_density.is_some() {
+                "auto lambda"
+            } else {
+                "fixed lambda"
+            }
+        );
+        let png = figures::monitor(&title, &traces, log.target_density, &lambda)?;
+        sec.figures.push(Figure {
+            file: format!("monitor-{}.png", file_stem(&r.name)),
+            alt: format!("live monitor of {}", r.name),
+            caption: format!(
+                "{}: {readings} readings over {} task(s); {lambda_text}. tau = {} × the site's largest |dW| so far \
+                 (this and the earlier tasks, exact), densities and CRs on {} sampled positions per site \
+                 (a site with fewer positions is read whole); 95 % band half-width at most {max_hw:.4}. \
+                 Last reading per task: {}.",
+                r.name,
+                traces.len(),
+                log.tau_rel,
+                log.positions,
+                last.join("; ")
+            ),
+            size: figures::monitor_size(&lambda),
+            png,
+        });
+    }
+    Ok(sec)
+}
+
 fn nuclear_section(runs: &[Run]) -> Result<Section> {
     let mut sec = Section::new(
         "Nuclear norm of the first task's update per site (paper Fig. 3)",
@@ -708,12 +989,15 @@ pub fn build_report(opts: &ReportOptions) -> Result<Report> {
     }
     sections.push(nuclear_section(&runs)?);
     sections.push(collision_section(&runs, opts, &mut site)?);
+    sections.push(capacity_section(&runs)?);
+    sections.push(monitor_section(&runs)?);
     sections.push(run_sections(&runs)?);
 
     let doc = Document {
         title: "nlora report".into(),
         intro: format!(
-            "{} run(s): {}. Figures follow the N-LoRA paper's Tables 1 and 3 and Figures 2, 3, 5 and 6.",
+            "{} run(s): {}. Figures follow the N-LoRA paper's Tables 1 and 3 and Figures 2, 3, 5 and 6; \
+             the capacity forecast and the live monitor go beyond the paper.",
             runs.len(),
             runs.iter()
                 .map(|r| format!("{} ({})", r.name, r.dir.display()))

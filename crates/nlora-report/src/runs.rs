@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use nlora_train::analysis::RunMetrics;
+use nlora_train::engine::{MonitorLog, MONITOR_FILE};
 use nlora_train::rundir::{read_json, Results, RunDir};
 use nlora_train::RunConfig;
 
@@ -18,6 +19,10 @@ pub struct Run {
     pub results: Option<Results>,
     pub metrics: Option<RunMetrics>,
     pub config: Option<RunConfig>,
+    /// monitor.json: the live monitor's readings and auto lambda's
+    /// trajectory. Absent in runs older than the monitor or trained with the
+    /// monitor off (not a missing input: the monitor section says so).
+    pub monitor: Option<MonitorLog>,
     /// The number of task-K-NAME adapter folders.
     pub task_adapters: usize,
     /// What is missing or unreadable, said so the reader knows what to run.
@@ -82,12 +87,24 @@ impl Run {
         if task_adapters == 0 {
             notes.push("no task-K-NAME adapter folders: no collision map".into());
         }
+        let monitor_path = dir.join(MONITOR_FILE);
+        let monitor = if monitor_path.exists() {
+            read_optional::<MonitorLog>(
+                &monitor_path,
+                MONITOR_FILE,
+                "no monitor figure",
+                &mut notes,
+            )
+        } else {
+            None
+        };
         Ok(Run {
             name: folder_name(dir),
             dir: dir.to_path_buf(),
             results,
             metrics,
             config,
+            monitor,
             task_adapters,
             notes,
         })

@@ -1,8 +1,10 @@
 //! The report built from real run directories: the engine's tiny end-to-end
 //! run (a random 2-layer LLaMA with SmolLM2's tokenizer, three benchmark
 //! tasks, a handful of examples) for N-LoRA, IncLoRA and the SA ablation,
-//! with metrics.json from nlora-train's analysis; and a copy of the N-LoRA
-//! run without metrics.json.
+//! with metrics.json from nlora-train's analysis; an N-LoRA run with auto
+//! lambda and a reading after every step; a copy of the N-LoRA run without
+//! metrics.json; and one as older nlora left it (no monitor.json, no
+//! capacity forecast in metrics.json).
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -10,8 +12,8 @@ use std::sync::OnceLock;
 use nlora_math::metrics::CollisionThreshold;
 use nlora_report::{build_report, collision, figures, ReportError, ReportOptions};
 use nlora_train::analysis::{load_site_histories, run_metrics, RunMetrics};
-use nlora_train::config::{MethodName, RunConfig};
-use nlora_train::engine::{run, RunOptions};
+use nlora_train::config::{AutoLambda, MethodName, RunConfig};
+use nlora_train::engine::{run, MonitorLog, RunOptions, MONITOR_FILE};
 use nlora_train::testing::{data_dir, tiny_run_config, write_tiny_llama};
 
 const METHODS: [MethodName; 3] = [MethodName::NLora, MethodName::IncLora, MethodName::SparseA];
@@ -38,7 +40,16 @@ struct Fixture {
     runs: Vec<PathBuf>,
     /// run-nlora without metrics.json.
     no_metrics: PathBuf,
+    /// N-LoRA with auto lambda (target density 0.3), a monitor reading after
+    /// every step on 300 sampled positions per site; with metrics.json.
+    auto: PathBuf,
+    /// run-nlora as older nlora wrote it: no monitor.json, metrics.json
+    /// without `capacity`.
+    old: PathBuf,
 }
+
+const AUTO_TARGET: f64 = 0.3;
+const AUTO_POSITIONS: usize = 300;
 
 /// Built once per test process (the tests of this file share it).
 fn fixture() -> &'static Fixture {
@@ -67,10 +78,47 @@ fn fixture() -> &'static Fixture {
         let no_metrics = root.join("run-nometrics");
         copy_dir(&runs[0], &no_metrics);
         std::fs::remove_file(no_metrics.join("metrics.json")).unwrap();
+
+        let auto = root.join("run-auto");
+        let mut cfg = tiny_config(&model, MethodName::NLora);
+        cfg.method.auto_lambda = Some(AutoLambda::new(AUTO_TARGET));
+        cfg.monitor.every = 1;
+        // Fewer than a site's 512 or 1024 positions: a sampled, banded reading.
+        cfg.monitor.positions = AUTO_POSITIONS;
+        cfg.train.epochs = nlora_train::config::PerTask::One(2);
+        run(
+            cfg,
+            &data_dir(),
+            &RunOptions {
+                out: auto.clone(),
+                resume: false,
+                progress: false,
+            },
+        )
+        .unwrap_or_else(|e| panic!("auto lambda run failed: {e}"));
+        run_metrics(&auto, CollisionThreshold::RelativeToSiteMax(0.01)).unwrap();
+
+        let old = root.join("run-old");
+        copy_dir(&runs[0], &old);
+        std::fs::remove_file(old.join(MONITOR_FILE)).unwrap();
+        let mut metrics: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(old.join("metrics.json")).unwrap())
+                .unwrap();
+        metrics.as_object_mut().unwrap().remove("capacity").unwrap();
+        for site in metrics["sites"].as_array_mut().unwrap() {
+            site.as_object_mut().unwrap().remove("capacity");
+        }
+        std::fs::write(
+            old.join("metrics.json"),
+            serde_json::to_string_pretty(&metrics).unwrap(),
+        )
+        .unwrap();
         Fixture {
             root,
             runs,
             no_metrics,
+            auto,
+            old,
         }
     })
 }
@@ -122,9 +170,14 @@ fn every_png_decodes_with_its_size_and_is_not_blank() {
 
     let mut names: Vec<&str> = report.figures.iter().map(|f| f.file.as_str()).collect();
     names.sort();
-    let mut expected = vec!["gsr-acr.png".to_string(), "ablation.png".to_string()];
+    let mut expected = vec![
+        "gsr-acr.png".to_string(),
+        "ablation.png".to_string(),
+        "capacity.png".to_string(),
+    ];
     for run in ["run-nlora", "run-inclora", "run-sa"] {
-        for kind in ["accuracy", "curves", "collision", "nuclear"] {
+        // monitor: the default monitor reads each task's last step.
+        for kind in ["accuracy", "curves", "collision", "nuclear", "monitor"] {
             expected.push(format!("{kind}-{run}.png"));
         }
     }
@@ -384,6 +437,7 @@ fn report_html_loads_in_headless_chromium() {
     let out = out_dir("browser");
     let mut runs = f.runs.clone();
     runs.push(f.no_metrics.clone());
+    runs.push(f.auto.clone());
     let report = build_report(&ReportOptions::new(runs.clone(), out.clone())).unwrap();
     let html = std::fs::read_to_string(&report.html).unwrap();
     let checked = out.join("check.html");
@@ -446,4 +500,265 @@ fn report_html_loads_in_headless_chromium() {
         var > MIN_VARIANCE,
         "screenshot looks blank: grey variance {var}"
     );
+}
+
+/// Pixels within a small distance of `color` in rows `rows` of an RGB(A) image.
+fn count_color(
+    (w, channels, pixels): (u32, usize, &[u8]),
+    rows: std::ops::Range<u32>,
+    color: (u8, u8, u8),
+) -> usize {
+    let w = w as usize;
+    (rows.start as usize..rows.end as usize)
+        .flat_map(|y| (0..w).map(move |x| (y * w + x) * channels))
+        .filter(|&i| {
+            let d = |a: u8, b: u8| (a as i32 - b as i32).abs();
+            d(pixels[i], color.0) + d(pixels[i + 1], color.1) + d(pixels[i + 2], color.2) <= 12
+        })
+        .count()
+}
+
+const DENSITY_BLUE: (u8, u8, u8) = (31, 119, 180);
+const CR_RED: (u8, u8, u8) = (214, 39, 40);
+const LAMBDA_PURPLE: (u8, u8, u8) = (148, 103, 189);
+
+fn markdown_table<'a>(md: &'a str, caption_start: &str) -> (Vec<&'a str>, Vec<Vec<&'a str>>) {
+    let mut lines = md
+        .lines()
+        .skip_while(|l| !l.starts_with(caption_start))
+        .skip(2);
+    let cells = |l: &'a str| -> Vec<&'a str> {
+        l.trim()
+            .trim_start_matches('|')
+            .trim_end_matches('|')
+            .split(" | ")
+            .map(str::trim)
+            .collect()
+    };
+    let header = cells(lines.next().expect("a table header"));
+    let rows = lines
+        .skip(1)
+        .take_while(|l| l.starts_with('|'))
+        .map(cells)
+        .collect();
+    (header, rows)
+}
+
+fn close(cell: &str, want: f64, what: &str) {
+    let got: f64 = cell
+        .parse()
+        .unwrap_or_else(|_| panic!("{what}: `{cell}` is not a number"));
+    // Four decimals, or three significant digits below 0.01.
+    let tol = if want.abs() < 0.01 {
+        5e-3 * want.abs()
+    } else {
+        5e-5
+    };
+    assert!(
+        (got - want).abs() <= tol + 1e-15,
+        "{what}: table {got}, metrics.json {want}"
+    );
+}
+
+#[test]
+fn monitor_figure_shows_density_cr_target_and_lambda() {
+    let f = fixture();
+    let log: MonitorLog =
+        serde_json::from_str(&std::fs::read_to_string(f.auto.join(MONITOR_FILE)).unwrap()).unwrap();
+    assert_eq!(log.target_density, Some(AUTO_TARGET));
+    // 6 examples, batch 3, 2 epochs: 4 steps per task, each read.
+    let readings: Vec<_> = log.stages.iter().flat_map(|s| &s.readings).collect();
+    assert_eq!(readings.len(), 12);
+    assert!(readings
+        .iter()
+        .all(|r| r.lambda.is_some() && r.half_width_95 > 0.0));
+
+    let out = out_dir("monitor");
+    let report = build_report(&ReportOptions::new(
+        vec![f.auto.clone(), f.runs[1].clone()],
+        out.clone(),
+    ))
+    .unwrap();
+    let fig = report
+        .figures
+        .iter()
+        .find(|x| x.file == "monitor-run-auto.png")
+        .expect("a monitor figure for the auto-lambda run");
+    assert_eq!(fig.size, figures::MONITOR_SIZE);
+    let (w, h, channels, pixels) = decode_png(&std::fs::read(out.join(&fig.file)).unwrap());
+    assert_eq!((w, h), figures::MONITOR_SIZE);
+    assert!(grey_variance(channels, &pixels) > MIN_VARIANCE);
+    // Density and CR are drawn in the top panel (60 % of the height), lambda
+    // in the bottom one only.
+    let split = h * 60 / 100;
+    let img = (w, channels, pixels.as_slice());
+    let blue_top = count_color(img, 0..split, DENSITY_BLUE);
+    let red_top = count_color(img, 0..split, CR_RED);
+    let purple_top = count_color(img, 0..split, LAMBDA_PURPLE);
+    let purple_bottom = count_color(img, split..h, LAMBDA_PURPLE);
+    eprintln!("auto monitor pixels: blue {blue_top} red {red_top} purple top {purple_top} bottom {purple_bottom}");
+    assert!(blue_top > 300, "density line: {blue_top} px");
+    assert!(red_top > 150, "CR line (tasks 2 and 3): {red_top} px");
+    assert!(purple_bottom > 300, "lambda line: {purple_bottom} px");
+    assert_eq!(purple_top, 0, "lambda drawn in the density panel");
+    assert!(
+        fig.caption.contains("12 readings over 3 task(s)")
+            && fig.caption.contains("auto lambda, target density 0.3")
+            && fig.caption.contains("tau = 0.01 ×")
+            && fig
+                .caption
+                .contains(&format!("{AUTO_POSITIONS} sampled positions")),
+        "{}",
+        fig.caption
+    );
+    // The last lambda of the log is in the caption as the controller left it.
+    let last = log.stages[2].readings.last().unwrap().lambda.unwrap();
+    assert!(
+        fig.caption.contains(&format!("λ {last:.2e}")),
+        "{}",
+        fig.caption
+    );
+
+    // A fixed-lambda run: one reading per task (the default monitor reads the
+    // last step), no lambda panel.
+    let fixed = report
+        .figures
+        .iter()
+        .find(|x| x.file == "monitor-run-inclora.png")
+        .expect("a monitor figure for the fixed-lambda run");
+    assert_eq!(fixed.size, figures::MONITOR_SIZE_FIXED_LAMBDA);
+    let (w, h, channels, pixels) = decode_png(&fixed.png);
+    assert_eq!((w, h), figures::MONITOR_SIZE_FIXED_LAMBDA);
+    let img = (w, channels, pixels.as_slice());
+    assert!(count_color(img, 0..h, DENSITY_BLUE) > 50);
+    assert_eq!(count_color(img, 0..h, LAMBDA_PURPLE), 0);
+    assert!(fixed.caption.contains("fixed lambda"), "{}", fixed.caption);
+    let md = std::fs::read_to_string(&report.markdown).unwrap();
+    assert!(md.contains("](monitor-run-auto.png)") && md.contains("](monitor-run-inclora.png)"));
+}
+
+#[test]
+fn capacity_table_equals_metrics_json() {
+    let f = fixture();
+    let mut runs = f.runs.clone();
+    runs.push(f.auto.clone());
+    let out = out_dir("capacity");
+    let report = build_report(&ReportOptions::new(runs.clone(), out.clone())).unwrap();
+    let md = std::fs::read_to_string(&report.markdown).unwrap();
+    let (header, rows) = markdown_table(&md, "**Capacity per run");
+    assert_eq!(
+        header,
+        [
+            "run",
+            "tasks",
+            "used fraction",
+            "density per task",
+            "measured mean CR",
+            "independent mean CR (Thm 2)",
+            "measured / independent",
+            "ACR after +1 (indep. / × ratio)",
+            "ACR after +5 (indep. / × ratio)",
+            "ACR after +15 (indep. / × ratio)",
+            "ACR after +100 (indep. / × ratio)",
+            "used after +100",
+        ]
+    );
+    assert_eq!(rows.len(), runs.len());
+    for (dir, row) in runs.iter().zip(&rows) {
+        let m: RunMetrics =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("metrics.json")).unwrap())
+                .unwrap();
+        let c = m
+            .capacity
+            .as_ref()
+            .expect("metrics.json has a capacity forecast");
+        let name = dir.file_name().unwrap().to_str().unwrap();
+        assert_eq!(row[0], name);
+        assert_eq!(row[1], "3");
+        close(row[2], c.used_fraction, "used fraction");
+        close(row[3], c.mean_density, "density");
+        close(row[4], c.measured_mean_cr.unwrap(), "measured CR");
+        close(row[5], c.independent_mean_cr.unwrap(), "independent CR");
+        let ratio: f64 = row[6].parse().unwrap();
+        assert!((ratio - c.independence_ratio.unwrap()).abs() <= 5e-4);
+        // The measured mean CR is the run's ACR (both mean over sites of the
+        // mean over pairs).
+        assert!((c.measured_mean_cr.unwrap() - m.acr.unwrap()).abs() < 1e-12);
+        assert_eq!(c.forecast.len(), 4);
+        for (k, p) in c.forecast.iter().enumerate() {
+            let (a, b) = row[7 + k].split_once(" / ").unwrap();
+            close(a, p.expected_acr, "expected ACR");
+            close(b, p.expected_acr_observed_ratio, "expected ACR x ratio");
+        }
+        close(
+            row[11],
+            c.forecast[3].expected_used_fraction,
+            "used after +100",
+        );
+        eprintln!("{}", row.join(" | "));
+    }
+    let fig = report
+        .figures
+        .iter()
+        .find(|x| x.file == "capacity.png")
+        .expect("a capacity figure");
+    let (w, h, channels, pixels) = decode_png(&std::fs::read(out.join("capacity.png")).unwrap());
+    assert_eq!((w, h), figures::CAPACITY_SIZE);
+    assert_eq!(fig.size, figures::CAPACITY_SIZE);
+    assert!(grey_variance(channels, &pixels) > MIN_VARIANCE);
+    assert!(fig.caption.contains("for 4 run(s)") && fig.caption.contains("1, 5, 15, 100"));
+}
+
+#[test]
+fn runs_without_monitor_or_capacity_give_notes_not_failures() {
+    let f = fixture();
+    let broken = f.root.join("run-brokenmonitor");
+    let _ = std::fs::remove_dir_all(&broken);
+    copy_dir(&f.runs[0], &broken);
+    std::fs::write(broken.join(MONITOR_FILE), "{").unwrap();
+    let out = out_dir("old");
+    let report = build_report(&ReportOptions::new(
+        vec![f.old.clone(), f.no_metrics.clone(), broken.clone()],
+        out,
+    ))
+    .unwrap();
+    let files: Vec<&str> = report.figures.iter().map(|x| x.file.as_str()).collect();
+    // capacity.png from the one run that has a forecast (the broken-monitor copy).
+    for want in [
+        "nuclear-run-old.png",
+        "accuracy-run-old.png",
+        "capacity.png",
+    ] {
+        assert!(files.contains(&want), "{files:?}");
+    }
+    for absent in ["monitor-run-old.png", "monitor-run-brokenmonitor.png"] {
+        assert!(!files.contains(&absent), "{files:?}");
+    }
+    // A run too old for monitor.json is not missing an input; a broken one is.
+    assert!(
+        !report.notes.iter().any(|n| n.starts_with("run-old:")),
+        "{:?}",
+        report.notes
+    );
+    assert!(
+        report
+            .notes
+            .iter()
+            .any(|n| n.starts_with("run-brokenmonitor: monitor.json unreadable")),
+        "{:?}",
+        report.notes
+    );
+    let md = std::fs::read_to_string(&report.markdown).unwrap();
+    let html = std::fs::read_to_string(&report.html).unwrap();
+    let old = f.old.display().to_string();
+    for text in [&md, &html] {
+        assert!(text.contains("run-old: no monitor.json"), "{text}");
+        assert!(text.contains(&format!(
+            "run-old: metrics.json has no capacity forecast (written before nlora had one); run `nlora metrics {old}` again"
+        )));
+        assert!(text.contains("run-nometrics: no capacity forecast (metrics.json missing"));
+    }
+    let (_, rows) = markdown_table(&md, "**Capacity per run");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0][0], "run-brokenmonitor");
 }
