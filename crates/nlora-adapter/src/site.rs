@@ -148,9 +148,14 @@ struct StackedHistory {
 }
 
 /// An adapted linear layer (PEFT's `LoraLinear`): frozen base, frozen history, trainable current adapter.
+/// For full fine-tuning the base weight itself can be opened ([`AdapterSite::open_base`]).
 #[derive(Debug, Clone)]
 pub struct AdapterSite {
     base: FrozenLinear,
+    /// The base weight as a trainable variable (full fine-tuning). `base`'s
+    /// weight shares its storage, so inference reads the trained values
+    /// through the frozen path with no copy.
+    trainable_base: Option<Var>,
     history: Vec<FrozenAdapter>,
     stacked: Option<StackedHistory>,
     current: Option<LoraAdapter>,
@@ -161,6 +166,7 @@ impl AdapterSite {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         Ok(Self {
             base: FrozenLinear::new(weight, bias)?,
+            trainable_base: None,
             history: Vec::new(),
             stacked: None,
             current: None,
@@ -178,6 +184,30 @@ impl AdapterSite {
     }
     pub fn current(&self) -> Option<&LoraAdapter> {
         self.current.as_ref()
+    }
+
+    /// The base weight as a trainable variable, when full fine-tuning opened it.
+    pub fn base_var(&self) -> Option<&Var> {
+        self.trainable_base.as_ref()
+    }
+
+    /// Makes the base weight `(out, in)` trainable (full fine-tuning): it
+    /// becomes a variable, and in training the layer's forward uses a
+    /// differentiable matmul on it, so its gradient is computed (the frozen
+    /// path skips it). The bias stays frozen. Opening an open site is a no-op.
+    pub fn open_base(&mut self) -> Result<&Var> {
+        if self.trainable_base.is_none() {
+            // One copy: the variable owns the values, the frozen view shares them.
+            let var = Var::from_tensor(&self.base.weight().contiguous()?)?;
+            self.base.set_weight(var.as_tensor().detach());
+            self.trainable_base = Some(var);
+        }
+        Ok(self.trainable_base.as_ref().expect("set above"))
+    }
+
+    /// Freezes an opened base weight again at its current values.
+    pub fn close_base(&mut self) {
+        self.trainable_base = None;
     }
     /// Earlier tasks' adapters, oldest first.
     pub fn history(&self) -> &[FrozenAdapter] {
@@ -246,6 +276,9 @@ impl AdapterSite {
         if self.history.is_empty() {
             return Ok(());
         }
+        if self.trainable_base.is_some() {
+            candle_core::bail!("cannot merge adapters into a base weight opened for full fine-tuning");
+        }
         let mut w = self.base.weight().clone();
         for h in &self.history {
             w = (w + h.delta_weight()?.to_dtype(self.base.weight().dtype())?)?;
@@ -276,7 +309,11 @@ impl AdapterSite {
     /// `x (..., in) -> (..., out)`. `dropout_seed` seeds this site's dropout
     /// mask (only used in [`ForwardMode::Train`] with a positive dropout).
     pub fn forward(&self, x: &Tensor, mode: ForwardMode) -> Result<Tensor> {
-        if let (Some(cur), true) = (&self.current, x.device().is_cpu()) {
+        let train_base = match (&self.trainable_base, mode) {
+            (Some(w), ForwardMode::Train { .. }) => Some(w),
+            _ => None,
+        };
+        if let (Some(cur), true, None) = (&self.current, x.device().is_cpu(), train_base) {
             let (a, b) = match mode {
                 ForwardMode::Inference => (cur.a.as_tensor().detach(), cur.b.as_tensor().detach()),
                 ForwardMode::Train { .. } => (cur.a.as_tensor().clone(), cur.b.as_tensor().clone()),
@@ -297,7 +334,31 @@ impl AdapterSite {
             };
             return lora_linear(x, &a, &b, frozen, cur.scale(), dropout);
         }
-        let mut y = self.base.forward(x)?;
+        let mut y = match train_base {
+            // Full fine-tuning: candle's matmul, whose backward gives dW too.
+            Some(w) => {
+                let in_f = self.in_features();
+                let x_in = x.dim(candle_core::D::Minus1)?;
+                if x_in != in_f {
+                    candle_core::bail!(
+                        "linear: input has {x_in} features, the weight {:?} expects {in_f}",
+                        w.shape()
+                    );
+                }
+                let m = x.elem_count() / in_f;
+                let mut dims = x.dims().to_vec();
+                *dims.last_mut().expect("rank checked by in_features") = self.out_features();
+                let y = x
+                    .reshape((m, in_f))?
+                    .matmul(&w.as_tensor().t()?)?
+                    .reshape(dims)?;
+                match self.base.bias() {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }
+            }
+            None => self.base.forward(x)?,
+        };
         if let Some(h) = &self.stacked {
             let hx = frozen_matmul_t(x, &h.a)?;
             y = (y + frozen_matmul_t(&hx, &h.b_scaled)?)?;
@@ -411,6 +472,39 @@ impl candle_core::CustomOp1 for Dropout {
 mod tests {
     use super::*;
     use candle_core::Var;
+
+    #[test]
+    fn an_opened_base_weight_gets_the_linear_layers_gradient() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f64, 1.0, (5, 3), &dev).unwrap();
+        let bias = Tensor::randn(0f64, 1.0, 5, &dev).unwrap();
+        let x = Tensor::randn(0f64, 1.0, (2, 4, 3), &dev).unwrap();
+        let mut site = AdapterSite::new(w.clone(), Some(bias.clone())).unwrap();
+        let frozen_y = site.forward(&x, ForwardMode::Inference).unwrap();
+        let var = site.open_base().unwrap().clone();
+        let train = ForwardMode::Train { dropout_seed: None };
+        let y = site.forward(&x, train).unwrap();
+        let diff = |a: &Tensor, b: &Tensor| -> f64 {
+            (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+        };
+        assert!(diff(&y, &frozen_y) < 1e-12);
+        // L = sum(y * probe): dL/dW = probe^T x over all rows.
+        let probe = Tensor::randn(0f64, 1.0, (2, 4, 5), &dev).unwrap();
+        let grads = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let gw = grads.get(var.as_tensor()).expect("the opened weight has a gradient");
+        let want = probe.reshape((8, 5)).unwrap().t().unwrap().matmul(&x.reshape((8, 3)).unwrap()).unwrap();
+        assert!(diff(gw, &want) < 1e-10);
+        // An update of the variable is what inference sees, with no copy.
+        var.set(&(var.as_tensor() * 2.0).unwrap()).unwrap();
+        let y2 = site.forward(&x, ForwardMode::Inference).unwrap();
+        let want2 = (x.broadcast_matmul(&(w * 2.0).unwrap().t().unwrap()).unwrap().broadcast_add(&bias)).unwrap();
+        assert!(diff(&y2, &want2) < 1e-10);
+        // The frozen path of a closed site gives the weight no gradient.
+        site.close_base();
+        assert!(site.base_var().is_none());
+        let y3 = site.forward(&x, train).unwrap();
+        assert!(y3.sum_all().unwrap().backward().unwrap().get(var.as_tensor()).is_none());
+    }
 
     #[test]
     fn dropout_masks_value_and_gradient_alike_and_is_seeded() {

@@ -120,6 +120,24 @@ impl AdapterSites {
             .collect()
     }
 
+    /// Opens the base weight of every site whose path `select` accepts for
+    /// full fine-tuning (see [`AdapterSite::open_base`]); returns how many.
+    pub fn open_base_weights(&mut self, select: impl Fn(&str) -> bool) -> Result<usize> {
+        let mut n = 0;
+        for (path, site) in self.paths.iter().zip(&mut self.sites) {
+            if select(path) {
+                site.open_base()?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// The opened base weights by path, in site order.
+    pub fn base_vars(&self) -> impl Iterator<Item = (&str, &Var)> {
+        self.iter().filter_map(|(p, s)| s.base_var().map(|v| (p, v)))
+    }
+
     /// Gives every targeted site a fresh adapter (A kaiming-uniform, B zeros),
     /// seeded: the same seed gives the same initial A everywhere.
     pub fn init_new_adapters(&mut self, cfg: &LoraConfig, seed: u64) -> Result<()> {

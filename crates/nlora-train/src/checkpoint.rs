@@ -58,7 +58,7 @@ pub struct StageCheckpoint {
     pub optimizer: Vec<(String, Tensor)>,
 }
 
-fn safetensors_bytes(path: &Path, tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
+pub(crate) fn safetensors_bytes(path: &Path, tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
     let contiguous = tensors
         .iter()
         .map(|(k, t)| Ok((k.as_str(), t.contiguous()?)))
@@ -71,7 +71,7 @@ fn safetensors_bytes(path: &Path, tensors: &[(String, Tensor)]) -> Result<Vec<u8
     })
 }
 
-fn load_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+pub(crate) fn load_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
     let bytes = std::fs::read(path).map_err(|e| TrainError::File {
         path: path.to_path_buf(),
         message: format!("cannot read the checkpoint: {e}"),
@@ -116,31 +116,43 @@ impl StageCheckpoint {
     }
 }
 
-/// The trainable variables with stable names: `SITE.lora_A` / `SITE.lora_B`.
+/// The trainable variables with stable names, site by site: `SITE.weight`
+/// for a base weight opened for full fine-tuning (its Hugging Face name),
+/// `SITE.lora_A` / `SITE.lora_B` for a current adapter.
 pub fn named_trainable(sites: &AdapterSites) -> Vec<(String, Var)> {
-    sites
-        .adapted()
-        .filter_map(|(path, site)| site.current().map(|c| (path, c)))
-        .flat_map(|(path, c)| {
-            [
-                (format!("{path}.lora_A"), c.a().clone()),
-                (format!("{path}.lora_B"), c.b().clone()),
-            ]
-        })
-        .collect()
+    let mut out = Vec::new();
+    for (path, site) in sites.iter() {
+        if let Some(w) = site.base_var() {
+            out.push((format!("{path}.weight"), w.clone()));
+        }
+        if let Some(c) = site.current() {
+            out.push((format!("{path}.lora_A"), c.a().clone()));
+            out.push((format!("{path}.lora_B"), c.b().clone()));
+        }
+    }
+    out
 }
 
 /// Sets the current adapters' values from a checkpoint: the same names, the
 /// same shapes, nothing missing or extra.
 pub fn restore_params(sites: &AdapterSites, params: &[(String, Tensor)], dir: &Path) -> Result<()> {
+    restore_params_from(sites, params, &dir.join(PARAMS_FILE))
+}
+
+/// [`restore_params`] from the file `file` (named in errors).
+pub fn restore_params_from(
+    sites: &AdapterSites,
+    params: &[(String, Tensor)],
+    file: &Path,
+) -> Result<()> {
     let vars = named_trainable(sites);
     let bad = |message: String| TrainError::File {
-        path: dir.join(PARAMS_FILE),
+        path: file.to_path_buf(),
         message,
     };
     if vars.len() != params.len() {
         return Err(bad(format!(
-            "holds {} tensors, the run's adapters have {}: the checkpoint is of another config",
+            "holds {} tensors, the run trains {}: the checkpoint is of another config",
             params.len(),
             vars.len()
         )));

@@ -80,10 +80,22 @@ pub enum MethodName {
     /// One adapter on the union of all tasks (upper bound).
     #[serde(rename = "mtl")]
     Mtl,
+    /// Full fine-tuning of every linear weight, task after task.
+    #[serde(rename = "seqft")]
+    SeqFt,
+    /// SeqFT + a memory of earlier tasks' examples mixed into each batch.
+    #[serde(rename = "replay")]
+    Replay,
+    /// SeqFT + the EWC penalty (diagonal Fisher, online accumulation).
+    #[serde(rename = "ewc")]
+    Ewc,
+    /// SeqFT + distillation from the previous task's model (LwF).
+    #[serde(rename = "lwf")]
+    Lwf,
 }
 
 impl MethodName {
-    pub const ALL: [&'static str; 11] = [
+    pub const ALL: [&'static str; 15] = [
         "seqlora",
         "inclora",
         "olora",
@@ -95,6 +107,10 @@ impl MethodName {
         "ns",
         "pertask",
         "mtl",
+        "seqft",
+        "replay",
+        "ewc",
+        "lwf",
     ];
 
     pub fn parse(s: &str) -> Result<Self> {
@@ -119,7 +135,20 @@ impl MethodName {
             MethodName::NoSparsity => "ns",
             MethodName::PerTask => "pertask",
             MethodName::Mtl => "mtl",
+            MethodName::SeqFt => "seqft",
+            MethodName::Replay => "replay",
+            MethodName::Ewc => "ewc",
+            MethodName::Lwf => "lwf",
         }
+    }
+
+    /// The classic continual-learning baselines (paper Table 1's full
+    /// fine-tuning rows): they train what `method.trainable` says.
+    pub fn is_baseline(&self) -> bool {
+        matches!(
+            self,
+            MethodName::SeqFt | MethodName::Replay | MethodName::Ewc | MethodName::Lwf
+        )
     }
 
     /// Whether the method uses an N-LoRA-style l1 penalty (and so a lambda).
@@ -159,6 +188,20 @@ pub enum OrthoForm {
     Code,
     /// The paper (eq. 1): SUM ||A_prev A_new^T||_F^2.
     Paper,
+}
+
+/// What the baselines (seqft, replay, ewc, lwf) train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Trainable {
+    /// Every linear weight of the model: all attention and MLP projections
+    /// of every layer, whatever `model.target_modules` says. Embeddings, the
+    /// (tied) output head and the norm weights stay frozen.
+    #[default]
+    Full,
+    /// One LoRA adapter on `model.target_modules`, trained through all tasks
+    /// (as SeqLoRA); the baseline's memory, penalty or distillation act on it.
+    Lora,
 }
 
 /// How earlier tasks' adapters are applied (the paper notes both are equivalent).
@@ -294,6 +337,56 @@ pub struct MethodSection {
     /// during training (starting from `lambda`, carried from task to task).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_lambda: Option<AutoLambda>,
+    /// Baselines: the full model's linear weights or one LoRA adapter.
+    #[serde(default)]
+    pub trainable: Trainable,
+    /// Replay: examples kept per finished task (seeded, stratified by label).
+    #[serde(default = "default_replay_per_task")]
+    pub replay_per_task: usize,
+    /// Replay: the share of each batch drawn from the memory, in (0, 1).
+    #[serde(default = "default_replay_ratio")]
+    pub replay_ratio: f64,
+    /// EWC: lambda in `lambda * sum_i F_i (theta_i - theta*_i)^2` (no 1/2).
+    #[serde(default = "default_ewc_lambda")]
+    pub ewc_lambda: f64,
+    /// EWC: the accumulated Fisher decays by gamma at each task end before the
+    /// new task's is added (online EWC; 1 = plain sum), in [0, 1].
+    #[serde(default = "default_ewc_gamma")]
+    pub ewc_gamma: f64,
+    /// EWC: training examples of the task its diagonal Fisher is estimated on.
+    #[serde(default = "default_fisher_examples")]
+    pub fisher_examples: usize,
+    /// LwF: weight of the distillation term.
+    #[serde(default = "default_lwf_alpha")]
+    pub lwf_alpha: f64,
+    /// LwF: softmax temperature T of the distillation (the term is scaled by T^2).
+    #[serde(default = "default_lwf_temperature")]
+    pub lwf_temperature: f64,
+}
+
+fn default_replay_per_task() -> usize {
+    10
+}
+fn default_replay_ratio() -> f64 {
+    0.25
+}
+/// The squared per-example gradients of a mean cross-entropy are small
+/// (SmolLM2: ~1e-9 per weight on average), so lambda is large.
+fn default_ewc_lambda() -> f64 {
+    1e4
+}
+fn default_ewc_gamma() -> f64 {
+    1.0
+}
+fn default_fisher_examples() -> usize {
+    32
+}
+fn default_lwf_alpha() -> f64 {
+    1.0
+}
+/// Hinton et al. and LwF (Li & Hoiem) use T = 2.
+fn default_lwf_temperature() -> f64 {
+    2.0
 }
 
 fn default_ortho_lambda() -> f64 {
@@ -381,6 +474,14 @@ impl MethodSection {
             l2_lambda: 0.0,
             history: HistoryMode::Stacked,
             auto_lambda: None,
+            trainable: Trainable::Full,
+            replay_per_task: default_replay_per_task(),
+            replay_ratio: default_replay_ratio(),
+            ewc_lambda: default_ewc_lambda(),
+            ewc_gamma: default_ewc_gamma(),
+            fisher_examples: default_fisher_examples(),
+            lwf_alpha: default_lwf_alpha(),
+            lwf_temperature: default_lwf_temperature(),
         }
     }
 
@@ -669,6 +770,42 @@ impl RunConfig {
             return bad(format!(
                 "`monitor.tau_rel` must be in (0, 1], got {}",
                 self.monitor.tau_rel
+            ));
+        }
+        let m = &self.method;
+        if m.replay_per_task == 0 {
+            return bad("`method.replay_per_task` must be at least 1".into());
+        }
+        if !(m.replay_ratio > 0.0 && m.replay_ratio < 1.0) {
+            return bad(format!(
+                "`method.replay_ratio` must be in (0, 1) (the share of each batch from memory), got {}",
+                m.replay_ratio
+            ));
+        }
+        if m.name == MethodName::Replay
+            && (m.replay_ratio * self.train.batch_size as f64).round() < 1.0
+        {
+            return bad(format!(
+                "`method.replay_ratio` {} of `train.batch_size` {} rounds to no memory example per batch: raise either",
+                m.replay_ratio, self.train.batch_size
+            ));
+        }
+        if !(m.ewc_lambda.is_finite() && m.ewc_lambda >= 0.0) {
+            return bad(format!("`method.ewc_lambda` must be >= 0, got {}", m.ewc_lambda));
+        }
+        if !(0.0..=1.0).contains(&m.ewc_gamma) {
+            return bad(format!("`method.ewc_gamma` must be in [0, 1], got {}", m.ewc_gamma));
+        }
+        if m.fisher_examples == 0 {
+            return bad("`method.fisher_examples` must be at least 1".into());
+        }
+        if !(m.lwf_alpha.is_finite() && m.lwf_alpha >= 0.0) {
+            return bad(format!("`method.lwf_alpha` must be >= 0, got {}", m.lwf_alpha));
+        }
+        if !(m.lwf_temperature.is_finite() && m.lwf_temperature > 0.0) {
+            return bad(format!(
+                "`method.lwf_temperature` must be > 0, got {}",
+                m.lwf_temperature
             ));
         }
         if self.eval.batch_size == 0 {

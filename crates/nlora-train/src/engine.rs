@@ -233,11 +233,26 @@ pub fn run(cfg: RunConfig, data_dir: &Path, opts: &RunOptions) -> Result<Results
         remove_checkpoints_except(&rd, keep.as_deref())?;
     }
 
-    let sites = model.adapter_sites_mut();
-    for (s, _) in stages.iter().enumerate().take(state.completed_stages) {
-        let dir = rd.task_adapter(s, &stage_name(&stream.tasks, &stages[s]));
-        let adapter = load_stage_adapter(&dir, &lora, &device)?;
-        method.restore_stage(sites, s, &adapter)?;
+    let model_name = model_path.display().to_string();
+    let stage_examples = |stage_tasks: &[usize]| -> Vec<&nlora_data::EncodedExample> {
+        stage_tasks
+            .iter()
+            .flat_map(|&t| stream.tasks[t].train.iter())
+            .collect()
+    };
+    for (s, stage_tasks) in stages.iter().enumerate().take(state.completed_stages) {
+        let dir = rd.task_adapter(s, &stage_name(&stream.tasks, stage_tasks));
+        let examples = stage_examples(stage_tasks);
+        let ctx = method::StageContext {
+            stage: s,
+            examples: &examples,
+            batching: &batching,
+            dir: &dir,
+            lora: &lora,
+            model_name: &model_name,
+            seed: cfg.seed,
+        };
+        method.restore_from(&mut model, &ctx)?;
         tracing::info!("resumed: stage {} restored from {}", s + 1, dir.display());
     }
     overall.set_position(state.completed_stages as u64);
@@ -252,12 +267,21 @@ pub fn run(cfg: RunConfig, data_dir: &Path, opts: &RunOptions) -> Result<Results
         )?),
     };
 
-    let model_name = model_path.display().to_string();
     for (s, stage_tasks) in stages.iter().enumerate().skip(state.completed_stages) {
         let name = stage_name(&stream.tasks, stage_tasks);
         overall.set_message(format!("training {name}"));
         let t0 = Instant::now();
         let adapter_dir = rd.task_adapter(s, &name);
+        let examples = stage_examples(stage_tasks);
+        let ctx = method::StageContext {
+            stage: s,
+            examples: &examples,
+            batching: &batching,
+            dir: &adapter_dir,
+            lora: &lora,
+            model_name: &model_name,
+            seed: cfg.seed,
+        };
         let pending = state.in_progress.clone().filter(|p| p.stage() == s);
         let (stats, train_secs) = if let Some(InProgress::Trained {
             tokens,
@@ -267,8 +291,7 @@ pub fn run(cfg: RunConfig, data_dir: &Path, opts: &RunOptions) -> Result<Results
         }) = pending
         {
             // Trained before the crash: the saved adapter is the stage's end.
-            let adapter = load_stage_adapter(&adapter_dir, &lora, &device)?;
-            method.restore_stage(model.adapter_sites_mut(), s, &adapter)?;
+            method.restore_from(&mut model, &ctx)?;
             tracing::info!(
                 "resumed: task {} trained, restored from {}; evaluating",
                 s + 1,
@@ -282,14 +305,10 @@ pub fn run(cfg: RunConfig, data_dir: &Path, opts: &RunOptions) -> Result<Results
             (stats, train_seconds)
         } else {
             method.begin_stage(model.adapter_sites_mut(), s, &lora, cfg.seed)?;
-            let examples = stage_tasks
-                .iter()
-                .flat_map(|&t| stream.tasks[t].train.iter())
-                .collect();
             let input = StageInput {
                 stage: s,
                 task_name: &name,
-                examples,
+                examples: examples.clone(),
             };
             let resume_from = match &pending {
                 Some(InProgress::Checkpoint { dir, .. }) => {
@@ -330,10 +349,9 @@ pub fn run(cfg: RunConfig, data_dir: &Path, opts: &RunOptions) -> Result<Results
             }
             let before = resume_from.map_or(0.0, |(ck, _)| ck.progress.train_seconds);
             let secs = before + t0.elapsed().as_secs_f64();
+            method.after_training(&mut model, &ctx)?;
             // Save before end_stage: it may freeze or clear the current adapter.
-            let mut adapter = model.adapter_sites().current_as_peft(&model_name)?;
-            adapter.config.task_type = Some(batching.peft_task_type().into());
-            adapter.save(&adapter_dir)?;
+            method.save_stage(&model, &ctx)?;
             // The task-end checkpoint: the adapter file is its whole content.
             state.in_progress = Some(InProgress::Trained {
                 stage: s,
@@ -415,6 +433,8 @@ pub fn run(cfg: RunConfig, data_dir: &Path, opts: &RunOptions) -> Result<Results
         &serde_json::json!({
             "train_seconds": state.train_seconds,
             "eval_seconds": state.eval_seconds,
+            // Of this process (a resumed run: since the resume); null off Linux.
+            "peak_rss_bytes": peak_rss_bytes(),
         }),
     )?;
     Ok(results)
@@ -444,9 +464,17 @@ fn write_monitor_log(
     write_json(&rd.root.join(MONITOR_FILE), &log)
 }
 
+/// The process's peak resident set size (VmHWM), on Linux.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 /// A saved task adapter, refused when it was not trained with the run's
 /// LoRA shape (e.g. `model.r` edited in the run's config.toml).
-fn load_stage_adapter(dir: &Path, lora: &LoraConfig, device: &Device) -> Result<PeftAdapter> {
+pub(crate) fn load_stage_adapter(dir: &Path, lora: &LoraConfig, device: &Device) -> Result<PeftAdapter> {
     let adapter = PeftAdapter::load(dir, device)?;
     let c = &adapter.config;
     if c.r != lora.r || (c.lora_alpha - lora.alpha).abs() > 1e-9 * lora.alpha.abs().max(1.0) {

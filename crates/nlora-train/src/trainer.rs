@@ -140,7 +140,9 @@ pub fn train_stage(
     let epochs = cfg.train.epochs.get(stage);
     let bs = cfg.train.batch_size;
     let accum = cfg.train.grad_accum;
-    let batches_per_epoch = input.examples.len().div_ceil(bs);
+    // Replay's memory takes some of each batch's slots.
+    let slots = method.memory_slots(bs);
+    let batches_per_epoch = input.examples.len().div_ceil(bs - slots);
     let total_batches = batches_per_epoch * epochs;
     let total_steps = total_batches.div_ceil(accum);
     let mut opt = AdamW::new(
@@ -245,29 +247,30 @@ pub fn train_stage(
         }
     };
     for epoch in start_batch / batches_per_epoch.max(1)..epochs {
-        let mut order: Vec<usize> = (0..input.examples.len()).collect();
-        let mut rng =
-            rand::rngs::StdRng::seed_from_u64(derive_seed(cfg.seed, stage, 1, epoch as u64));
-        order.shuffle(&mut rng);
-        for (bi, chunk) in order.chunks(bs).enumerate() {
+        let order = epoch_order(input.examples.len(), cfg.seed, stage, epoch);
+        for (bi, chunk) in order.chunks(bs - slots).enumerate() {
             let counter = epoch * batches_per_epoch + bi;
             if counter < start_batch {
                 continue;
             }
             let injected = fault::nan_at(stage, counter);
-            let items: Vec<&EncodedExample> = chunk.iter().map(|&i| input.examples[i]).collect();
+            let items = batch_items(method, &input.examples, chunk, slots, cfg.seed, stage, counter);
             let (batch, tokens) = batching.lm_batch(&items, &device)?;
             let dropout_seed = derive_seed(cfg.seed, stage, 2, counter as u64);
-            let mut task_loss = model.loss(
+            let mut batch_parts = method.batch_loss(
+                &*model,
                 &batch,
                 ForwardMode::Train {
                     dropout_seed: Some(dropout_seed),
                 },
+                stage,
             )?;
+            let mut task_loss = batch_parts.remove(0).value;
             if injected == Some(NanPart::Loss) {
                 task_loss = task_loss.affine(1.0, f64::NAN)?;
             }
-            let parts = method.penalty(model.adapter_sites(), stage)?;
+            let mut parts = batch_parts;
+            parts.extend(method.penalty(model.adapter_sites(), stage)?);
             let mut total = task_loss.clone();
             let mut shown = vec![("task", scalar(&task_loss)?)];
             for p in &parts {
@@ -391,6 +394,55 @@ pub fn train_stage(
         optimizer_step(&mut opt, grads, &mut stats)?;
     }
     Ok(stats)
+}
+
+/// The shuffled order of a stage's examples in one epoch.
+fn epoch_order(n: usize, seed: u64, stage: usize, epoch: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(derive_seed(seed, stage, 1, epoch as u64));
+    order.shuffle(&mut rng);
+    order
+}
+
+/// One batch: the chunk's examples of the stage, then `slots` memory
+/// examples drawn for this batch (Replay).
+fn batch_items<'a>(
+    method: &'a dyn Method,
+    examples: &[&'a EncodedExample],
+    chunk: &[usize],
+    slots: usize,
+    seed: u64,
+    stage: usize,
+    counter: usize,
+) -> Vec<&'a EncodedExample> {
+    let mut items: Vec<&EncodedExample> = chunk.iter().map(|&i| examples[i]).collect();
+    if slots > 0 {
+        items.extend(method.memory_examples(slots, derive_seed(seed, stage, 6, counter as u64)));
+    }
+    items
+}
+
+/// Every batch of a stage in training order, as [`train_stage`] builds them.
+#[cfg(test)]
+pub(crate) fn stage_batches<'a>(
+    method: &'a dyn Method,
+    examples: &[&'a EncodedExample],
+    batch_size: usize,
+    epochs: usize,
+    seed: u64,
+    stage: usize,
+) -> Vec<Vec<&'a EncodedExample>> {
+    let slots = method.memory_slots(batch_size);
+    let per_epoch = examples.len().div_ceil(batch_size - slots);
+    let mut out = Vec::new();
+    for epoch in 0..epochs {
+        let order = epoch_order(examples.len(), seed, stage, epoch);
+        for (bi, chunk) in order.chunks(batch_size - slots).enumerate() {
+            let counter = epoch * per_epoch + bi;
+            out.push(batch_items(method, examples, chunk, slots, seed, stage, counter));
+        }
+    }
+    out
 }
 
 /// The first variable whose gradient has a NaN or an infinity, with the

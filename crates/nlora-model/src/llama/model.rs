@@ -200,8 +200,11 @@ impl Mlp {
         let gate = sites.forward(self.gate_proj, x, mode)?;
         let up = sites.forward(self.up_proj, x, mode)?;
         let down = sites.site(self.down_proj);
-        let plain_down =
-            down.current().is_none() && down.history().is_empty() && down.base().bias().is_none();
+        // An opened (trainable) base weight needs the site's differentiable path.
+        let plain_down = down.current().is_none()
+            && down.history().is_empty()
+            && down.base().bias().is_none()
+            && down.base_var().is_none();
         if x.device().is_cpu() && plain_down {
             return Ok(fused::swiglu_linear(&gate, &up, down.base().weight())?);
         }
@@ -658,8 +661,10 @@ impl LanguageModel for Llama {
 
     fn loss(&self, batch: &LmBatch, mode: ForwardMode) -> Result<Tensor> {
         let head = self.sites.site(self.lm_head);
-        let plain_head =
-            head.current().is_none() && head.history().is_empty() && head.base().bias().is_none();
+        let plain_head = head.current().is_none()
+            && head.history().is_empty()
+            && head.base().bias().is_none()
+            && head.base_var().is_none();
         // The fused lm_head + cross-entropy computes its input gradient in the
         // forward: worth it only when a backward follows.
         if !(mode.tracks_gradients() && plain_head && self.device.is_cpu()) {

@@ -3,22 +3,57 @@
 //! penalty joins the task loss (`penalty`), what happens at a task's end
 //! (`end_stage`), and which adapter answers for which task at evaluation
 //! (`before_eval`). Each method is one small file.
-use candle_core::Tensor;
-use nlora_adapter::{AdapterSites, LoraConfig, PeftAdapter};
-use nlora_math::penalty::Site;
+//!
+//! The classic baselines (SeqFT, Replay, EWC, LwF: `baseline.rs` and one
+//! file each) need more than the adapter sites: the model and the stage's
+//! data at a task's end (`after_training`), their own task-end files
+//! (`save_stage` / `restore_from`), a loss that runs the model
+//! (`batch_loss`) and memory examples in the batches (`memory_examples`).
+//! Every such hook has a default that keeps the LoRA methods as they were.
+use std::path::Path;
 
+use candle_core::Tensor;
+use nlora_adapter::{AdapterSites, ForwardMode, LoraConfig, PeftAdapter};
+use nlora_data::EncodedExample;
+use nlora_math::penalty::Site;
+use nlora_model::lm::{LanguageModel, LmBatch};
+
+use crate::arch::Batching;
 use crate::config::{HistoryMode, MethodName, MethodSection};
 use crate::error::{Result, TrainError};
 
+mod baseline;
+mod ewc;
 mod inclora;
+mod lwf;
 mod mtl;
 mod pertask;
+mod replay;
 mod seqlora;
 
+pub use baseline::{Baseline, FULL_WEIGHTS_FILE};
+pub use ewc::{diagonal_fisher, ewc_penalty, Ewc, FISHER_FILE};
 pub use inclora::{IncLora, Penalties};
+pub use lwf::{distillation_kl, Lwf};
 pub use mtl::Mtl;
 pub use pertask::PerTaskLora;
+pub use replay::{Replay, ReplayMemory};
 pub use seqlora::SeqLora;
+
+/// What a method sees of a stage beyond the adapter sites.
+pub struct StageContext<'a, 'b> {
+    /// 0-based stage.
+    pub stage: usize,
+    /// The stage's training examples.
+    pub examples: &'a [&'a EncodedExample],
+    pub batching: &'a Batching<'b>,
+    /// The stage's folder in the run directory (`task-K-NAME`).
+    pub dir: &'a Path,
+    pub lora: &'a LoraConfig,
+    /// Recorded as the PEFT adapter's base model.
+    pub model_name: &'a str,
+    pub seed: u64,
+}
 
 /// A named part of the loss, so progress and NaN messages can say which.
 pub struct LossPart {
@@ -58,6 +93,63 @@ pub trait Method {
 
     /// After a stage's last step, once its adapter has been saved.
     fn end_stage(&mut self, sites: &mut AdapterSites, stage: usize) -> Result<()>;
+
+    /// The loss parts of one training batch, the task loss first (named
+    /// "task"); LwF adds its distillation term here.
+    fn batch_loss(
+        &self,
+        model: &dyn LanguageModel,
+        batch: &LmBatch,
+        mode: ForwardMode,
+        _stage: usize,
+    ) -> Result<Vec<LossPart>> {
+        Ok(vec![LossPart {
+            name: "task",
+            value: model.loss(batch, mode)?,
+        }])
+    }
+
+    /// How many of each batch's `batch_size` slots memory examples take
+    /// (Replay, once it remembers a task); the rest are the stage's own.
+    fn memory_slots(&self, _batch_size: usize) -> usize {
+        0
+    }
+
+    /// `n` memory examples for one batch, drawn with `seed`.
+    fn memory_examples(&self, _n: usize, _seed: u64) -> Vec<&EncodedExample> {
+        Vec::new()
+    }
+
+    /// After a stage's training, before its end is saved: what the method
+    /// keeps of the task (EWC's Fisher, Replay's memory).
+    fn after_training(
+        &mut self,
+        _model: &mut dyn LanguageModel,
+        _ctx: &StageContext<'_, '_>,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    /// Saves the end of a stage into `ctx.dir`: by default the current
+    /// adapter in PEFT form.
+    fn save_stage(&self, model: &dyn LanguageModel, ctx: &StageContext<'_, '_>) -> Result<()> {
+        let mut adapter = model.adapter_sites().current_as_peft(ctx.model_name)?;
+        adapter.config.task_type = Some(ctx.batching.peft_task_type().into());
+        adapter.save(ctx.dir)?;
+        Ok(())
+    }
+
+    /// Resume: brings the model to the state right after `end_stage` of
+    /// `ctx.stage` from what [`Method::save_stage`] wrote.
+    fn restore_from(
+        &mut self,
+        model: &mut dyn LanguageModel,
+        ctx: &StageContext<'_, '_>,
+    ) -> Result<()> {
+        let device = model.device().clone();
+        let adapter = crate::engine::load_stage_adapter(ctx.dir, ctx.lora, &device)?;
+        self.restore_stage(model.adapter_sites_mut(), ctx.stage, &adapter)
+    }
 
     /// Resume: bring the sites to the state right after `end_stage(stage)`,
     /// from the adapter saved at the end of that stage.
@@ -108,6 +200,10 @@ pub fn build(cfg: &MethodSection, lora: &LoraConfig) -> Result<Box<dyn Method>> 
         )),
         MethodName::PerTask => Box::new(PerTaskLora::default()),
         MethodName::Mtl => Box::new(Mtl),
+        MethodName::SeqFt => Box::new(Baseline::new(cfg.name, cfg.trainable)),
+        MethodName::Replay => Box::new(Replay::new(cfg)),
+        MethodName::Ewc => Box::new(Ewc::new(cfg)),
+        MethodName::Lwf => Box::new(Lwf::new(cfg)),
     })
 }
 
