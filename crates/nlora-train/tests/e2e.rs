@@ -30,8 +30,13 @@ fn every_method_runs_and_writes_a_complete_run_dir() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("model");
     write_tiny_llama(&model, 1).unwrap();
+    // The LoRA methods here; the full fine-tuning baselines save weights,
+    // not adapters: checked below.
     for name in MethodName::ALL {
         let method = MethodName::parse(name).unwrap();
+        if method.is_baseline() {
+            continue;
+        }
         let out = tmp.path().join(format!("run-{name}"));
         let r = run_once(&model, &out, method);
         let stages = if method == MethodName::Mtl { 1 } else { 3 };
@@ -122,4 +127,135 @@ fn an_existing_run_dir_is_never_overwritten() {
     .expect_err("a second run into the same dir must refuse");
     assert!(err.to_string().contains("--resume"), "{err}");
     assert_eq!(std::fs::read(out.join("results.json")).unwrap(), before);
+}
+
+/// Every tensor of a safetensors file, by name.
+fn tensors(path: &Path) -> std::collections::HashMap<String, candle_core::Tensor> {
+    candle_core::safetensors::load(path, &candle_core::Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+#[test]
+fn the_full_fine_tuning_baselines_train_every_linear_weight_and_keep_the_latest_copy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    write_tiny_llama(&model, 5).unwrap();
+    let base = tensors(&model.join("model.safetensors"));
+    let projections = [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ];
+    let mut finals = Vec::new();
+    for method in [
+        MethodName::SeqFt,
+        MethodName::Replay,
+        MethodName::Ewc,
+        MethodName::Lwf,
+    ] {
+        let name = method.as_str();
+        let out = tmp.path().join(format!("run-{name}"));
+        let r = run_once(&model, &out, method);
+        assert_eq!(r.method, name);
+        assert_eq!(r.accuracy_matrix.len(), 3, "{name}");
+        assert!(r
+            .accuracy_matrix
+            .iter()
+            .all(|row| row.len() == 3 && row.iter().all(|v| (0.0..=1.0).contains(v))));
+        // Only the last task keeps its weights (they hold the earlier tasks' too).
+        for t in ["task-1-dbpedia", "task-2-amazon"] {
+            let dir = out.join(t);
+            assert!(dir.is_dir(), "{name}: {t}");
+            assert!(!dir.join("model.safetensors").exists(), "{name}: {t} kept its weights");
+            assert!(!dir.join("ewc_fisher.safetensors").exists());
+        }
+        let last = out.join("task-3-CB");
+        let w = tensors(&last.join("model.safetensors"));
+        // Every projection of both layers, by its Hugging Face name; nothing
+        // else (embeddings, head and norms are frozen).
+        assert_eq!(w.len(), 2 * projections.len(), "{name}: {:?}", w.keys());
+        for l in 0..2 {
+            for p in projections {
+                let key = format!("model.layers.{l}.{p}.weight");
+                let (got, orig) = (&w[&key], &base[&key]);
+                assert_eq!(got.dims(), orig.dims(), "{name}: {key}");
+                assert!(max_abs_diff(got, orig) > 0.0, "{name}: {key} did not train");
+            }
+        }
+        assert_eq!(
+            last.join("ewc_fisher.safetensors").exists(),
+            method == MethodName::Ewc,
+            "{name}"
+        );
+        if method == MethodName::Ewc {
+            let f = tensors(&last.join("ewc_fisher.safetensors"));
+            assert_eq!(f.len(), w.len());
+            let total: f32 = f
+                .values()
+                .map(|t| t.sum_all().unwrap().to_scalar::<f32>().unwrap())
+                .sum();
+            assert!(total > 0.0 && total.is_finite(), "Fisher sum {total}");
+            assert!(f.values().all(|t| t.min_all().unwrap().to_scalar::<f32>().unwrap() >= 0.0));
+        }
+        let timings: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("timings.json")).unwrap())
+                .unwrap();
+        if cfg!(target_os = "linux") {
+            assert!(timings["peak_rss_bytes"].as_u64().unwrap() > 1 << 20);
+        }
+        finals.push((name, w));
+    }
+    // The methods differ from SeqFT in what they train: replay's batches,
+    // EWC's penalty and LwF's distillation all change the final weights.
+    let key = "model.layers.1.mlp.down_proj.weight";
+    for (name, w) in &finals[1..] {
+        assert!(max_abs_diff(&w[key], &finals[0].1[key]) > 0.0, "{name} equals seqft");
+    }
+}
+
+#[test]
+fn a_baseline_over_a_lora_adapter_saves_one_per_task() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    write_tiny_llama(&model, 6).unwrap();
+    let mut cfg = tiny_config(&model, MethodName::Ewc);
+    cfg.method.trainable = nlora_train::config::Trainable::Lora;
+    let out = tmp.path().join("ewc-lora");
+    let r = run(
+        cfg,
+        &data_dir(),
+        &RunOptions {
+            out: out.clone(),
+            resume: false,
+            progress: false,
+        },
+    )
+    .unwrap();
+    assert_eq!(r.accuracy_matrix.len(), 3);
+    for t in ["task-1-dbpedia", "task-2-amazon", "task-3-CB"] {
+        let a = tensors(&out.join(t).join("adapter_model.safetensors"));
+        // q and v of two layers, A and B each: the base weights stay frozen.
+        assert_eq!(a.len(), 8, "{t}");
+        assert!(!out.join(t).join("model.safetensors").exists());
+    }
+    let f = tensors(&out.join("task-3-CB/ewc_fisher.safetensors"));
+    assert_eq!(f.len(), 8);
+    assert!(f.keys().all(|k| k.ends_with(".lora_A") || k.ends_with(".lora_B")));
 }

@@ -66,10 +66,19 @@ fn adapter_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
                     .starts_with("task-")
         })
         .map(|p| {
-            (
-                p.file_name().unwrap().to_string_lossy().into_owned(),
-                std::fs::read(p.join("adapter_model.safetensors")).unwrap(),
-            )
+            // A LoRA method's adapter; a full fine-tuning baseline's weights
+            // (and EWC's Fisher), kept in the last task's folder only.
+            let files = [
+                "adapter_model.safetensors",
+                "model.safetensors",
+                "ewc_fisher.safetensors",
+            ];
+            let bytes: Vec<u8> = files
+                .iter()
+                .filter_map(|f| std::fs::read(p.join(f)).ok())
+                .flatten()
+                .collect();
+            (p.file_name().unwrap().to_string_lossy().into_owned(), bytes)
         })
         .collect();
     v.sort();
@@ -109,6 +118,27 @@ fn stopped_inside_a_task_and_resumed_equals_uninterrupted_for_every_stage_kind()
             HistoryMode::Merged,
             "grad:3:3",
             "task-3-step-1",
+        ),
+        // Full fine-tuning: the checkpoint holds every linear weight; EWC's
+        // Fisher and anchor, LwF's teacher and Replay's memory come back
+        // from the task-end files and the data.
+        (
+            MethodName::Ewc,
+            HistoryMode::Stacked,
+            "loss:2:5",
+            "task-2-step-2",
+        ),
+        (
+            MethodName::Lwf,
+            HistoryMode::Stacked,
+            "grad:3:4",
+            "task-3-step-1",
+        ),
+        (
+            MethodName::Replay,
+            HistoryMode::Stacked,
+            "loss:3:5",
+            "task-3-step-2",
         ),
     ];
     for (method, history, fault, checkpoint) in cases {
@@ -155,6 +185,7 @@ fn stopped_inside_a_task_and_resumed_equals_uninterrupted_for_every_stage_kind()
         );
         let (a, b) = (adapter_bytes(&reference), adapter_bytes(&stopped));
         assert_eq!(a.len(), if method == MethodName::Mtl { 1 } else { 3 });
+        assert!(!a.last().unwrap().1.is_empty(), "{name}: the last task saved nothing");
         for ((ka, va), (kb, vb)) in a.iter().zip(&b) {
             assert_eq!(ka, kb);
             assert!(va == vb, "{name}: {ka} differs from the uninterrupted run");
