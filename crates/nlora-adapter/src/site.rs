@@ -277,7 +277,9 @@ impl AdapterSite {
             return Ok(());
         }
         if self.trainable_base.is_some() {
-            candle_core::bail!("cannot merge adapters into a base weight opened for full fine-tuning");
+            candle_core::bail!(
+                "cannot merge adapters into a base weight opened for full fine-tuning"
+            );
         }
         let mut w = self.base.weight().clone();
         for h in &self.history {
@@ -485,25 +487,57 @@ mod tests {
         let train = ForwardMode::Train { dropout_seed: None };
         let y = site.forward(&x, train).unwrap();
         let diff = |a: &Tensor, b: &Tensor| -> f64 {
-            (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar()
+                .unwrap()
         };
         assert!(diff(&y, &frozen_y) < 1e-12);
         // L = sum(y * probe): dL/dW = probe^T x over all rows.
         let probe = Tensor::randn(0f64, 1.0, (2, 4, 5), &dev).unwrap();
-        let grads = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        let gw = grads.get(var.as_tensor()).expect("the opened weight has a gradient");
-        let want = probe.reshape((8, 5)).unwrap().t().unwrap().matmul(&x.reshape((8, 3)).unwrap()).unwrap();
+        let grads = (&y * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gw = grads
+            .get(var.as_tensor())
+            .expect("the opened weight has a gradient");
+        let want = probe
+            .reshape((8, 5))
+            .unwrap()
+            .t()
+            .unwrap()
+            .matmul(&x.reshape((8, 3)).unwrap())
+            .unwrap();
         assert!(diff(gw, &want) < 1e-10);
         // An update of the variable is what inference sees, with no copy.
         var.set(&(var.as_tensor() * 2.0).unwrap()).unwrap();
         let y2 = site.forward(&x, ForwardMode::Inference).unwrap();
-        let want2 = (x.broadcast_matmul(&(w * 2.0).unwrap().t().unwrap()).unwrap().broadcast_add(&bias)).unwrap();
+        let want2 = (x
+            .broadcast_matmul(&(w * 2.0).unwrap().t().unwrap())
+            .unwrap()
+            .broadcast_add(&bias))
+        .unwrap();
         assert!(diff(&y2, &want2) < 1e-10);
         // The frozen path of a closed site gives the weight no gradient.
         site.close_base();
         assert!(site.base_var().is_none());
         let y3 = site.forward(&x, train).unwrap();
-        assert!(y3.sum_all().unwrap().backward().unwrap().get(var.as_tensor()).is_none());
+        assert!(y3
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+            .get(var.as_tensor())
+            .is_none());
     }
 
     #[test]

@@ -135,7 +135,8 @@ impl AdapterSites {
 
     /// The opened base weights by path, in site order.
     pub fn base_vars(&self) -> impl Iterator<Item = (&str, &Var)> {
-        self.iter().filter_map(|(p, s)| s.base_var().map(|v| (p, v)))
+        self.iter()
+            .filter_map(|(p, s)| s.base_var().map(|v| (p, v)))
     }
 
     /// Gives every targeted site a fresh adapter (A kaiming-uniform, B zeros),

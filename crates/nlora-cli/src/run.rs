@@ -20,7 +20,8 @@ pub struct RunArgs {
     /// A named preset instead of a config (see `nlora presets`).
     #[arg(long)]
     preset: Option<String>,
-    /// The method (seqlora, inclora, olora, nlora, olora+nlora, sa, sb, sab, ns, pertask, mtl).
+    /// The method (seqlora, inclora, olora, nlora, olora+nlora, sa, sb, sab, ns, pertask, mtl;
+    /// full fine-tuning baselines: seqft, replay, ewc, lwf).
     #[arg(long)]
     method: Option<String>,
     /// N-LoRA's l1 form: dw (the paper) or reference-code (||A B||_1, r x r).

@@ -791,16 +791,25 @@ impl RunConfig {
             ));
         }
         if !(m.ewc_lambda.is_finite() && m.ewc_lambda >= 0.0) {
-            return bad(format!("`method.ewc_lambda` must be >= 0, got {}", m.ewc_lambda));
+            return bad(format!(
+                "`method.ewc_lambda` must be >= 0, got {}",
+                m.ewc_lambda
+            ));
         }
         if !(0.0..=1.0).contains(&m.ewc_gamma) {
-            return bad(format!("`method.ewc_gamma` must be in [0, 1], got {}", m.ewc_gamma));
+            return bad(format!(
+                "`method.ewc_gamma` must be in [0, 1], got {}",
+                m.ewc_gamma
+            ));
         }
         if m.fisher_examples == 0 {
             return bad("`method.fisher_examples` must be at least 1".into());
         }
         if !(m.lwf_alpha.is_finite() && m.lwf_alpha >= 0.0) {
-            return bad(format!("`method.lwf_alpha` must be >= 0, got {}", m.lwf_alpha));
+            return bad(format!(
+                "`method.lwf_alpha` must be >= 0, got {}",
+                m.lwf_alpha
+            ));
         }
         if !(m.lwf_temperature.is_finite() && m.lwf_temperature > 0.0) {
             return bad(format!(

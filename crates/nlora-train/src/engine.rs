@@ -474,7 +474,11 @@ pub fn peak_rss_bytes() -> Option<u64> {
 
 /// A saved task adapter, refused when it was not trained with the run's
 /// LoRA shape (e.g. `model.r` edited in the run's config.toml).
-pub(crate) fn load_stage_adapter(dir: &Path, lora: &LoraConfig, device: &Device) -> Result<PeftAdapter> {
+pub(crate) fn load_stage_adapter(
+    dir: &Path,
+    lora: &LoraConfig,
+    device: &Device,
+) -> Result<PeftAdapter> {
     let adapter = PeftAdapter::load(dir, device)?;
     let c = &adapter.config;
     if c.r != lora.r || (c.lora_alpha - lora.alpha).abs() > 1e-9 * lora.alpha.abs().max(1.0) {

@@ -121,6 +121,11 @@ pub fn preset(name: &str, method: MethodName, l1_form: L1Form) -> Result<RunConf
     if name != "smoke" {
         data.order = Some(name.strip_prefix("mini-").unwrap_or(order).to_string());
     }
+    if method.is_baseline() {
+        // Full fine-tuning moves every weight by ~lr per AdamW step: the
+        // LoRA learning rates would wreck a pretrained model (see FULL_FT_LR).
+        train.lr = PerTask::One(FULL_FT_LR);
+    }
     if l1_form == L1Form::ReferenceCode && method.uses_l1() && !name.starts_with("mini") {
         method_section.lambda = Some(paper_lambda(name));
     }
@@ -141,6 +146,16 @@ pub fn preset(name: &str, method: MethodName, l1_form: L1Form) -> Result<RunConf
         monitor: Default::default(),
     })
 }
+
+/// Learning rate of the full fine-tuning baselines (seqft, replay, ewc, lwf)
+/// in every preset; batch, epochs and data stay those of the LoRA methods.
+/// AdamW moves each weight by about lr per step whatever its gradient's
+/// scale, so the LoRA rate (1e-3, on a zero-initialised B) would move every
+/// pretrained weight of SmolLM2-135M (typical magnitude a few 1e-2) by a
+/// sizeable fraction of itself within the mini budget's 13 steps per task.
+/// Full fine-tuning rates for models of this size are 1e-5 to 5e-5; the top
+/// of that range because the mini budget has so few steps.
+pub const FULL_FT_LR: f64 = 5e-5;
 
 /// The mini budget: chosen so SeqLoRA visibly forgets on SmolLM2-135M while a
 /// whole order-1 run stays well under an hour on 2 cores (docs/results.md).

@@ -254,7 +254,15 @@ pub fn train_stage(
                 continue;
             }
             let injected = fault::nan_at(stage, counter);
-            let items = batch_items(method, &input.examples, chunk, slots, cfg.seed, stage, counter);
+            let items = batch_items(
+                method,
+                &input.examples,
+                chunk,
+                slots,
+                cfg.seed,
+                stage,
+                counter,
+            );
             let (batch, tokens) = batching.lm_batch(&items, &device)?;
             let dropout_seed = derive_seed(cfg.seed, stage, 2, counter as u64);
             let mut batch_parts = method.batch_loss(
@@ -439,7 +447,9 @@ pub(crate) fn stage_batches<'a>(
         let order = epoch_order(examples.len(), seed, stage, epoch);
         for (bi, chunk) in order.chunks(batch_size - slots).enumerate() {
             let counter = epoch * per_epoch + bi;
-            out.push(batch_items(method, examples, chunk, slots, seed, stage, counter));
+            out.push(batch_items(
+                method, examples, chunk, slots, seed, stage, counter,
+            ));
         }
     }
     out

@@ -183,7 +183,10 @@ fn the_full_fine_tuning_baselines_train_every_linear_weight_and_keep_the_latest_
         for t in ["task-1-dbpedia", "task-2-amazon"] {
             let dir = out.join(t);
             assert!(dir.is_dir(), "{name}: {t}");
-            assert!(!dir.join("model.safetensors").exists(), "{name}: {t} kept its weights");
+            assert!(
+                !dir.join("model.safetensors").exists(),
+                "{name}: {t} kept its weights"
+            );
             assert!(!dir.join("ewc_fisher.safetensors").exists());
         }
         let last = out.join("task-3-CB");
@@ -212,7 +215,9 @@ fn the_full_fine_tuning_baselines_train_every_linear_weight_and_keep_the_latest_
                 .map(|t| t.sum_all().unwrap().to_scalar::<f32>().unwrap())
                 .sum();
             assert!(total > 0.0 && total.is_finite(), "Fisher sum {total}");
-            assert!(f.values().all(|t| t.min_all().unwrap().to_scalar::<f32>().unwrap() >= 0.0));
+            assert!(f
+                .values()
+                .all(|t| t.min_all().unwrap().to_scalar::<f32>().unwrap() >= 0.0));
         }
         let timings: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.join("timings.json")).unwrap())
@@ -226,7 +231,10 @@ fn the_full_fine_tuning_baselines_train_every_linear_weight_and_keep_the_latest_
     // EWC's penalty and LwF's distillation all change the final weights.
     let key = "model.layers.1.mlp.down_proj.weight";
     for (name, w) in &finals[1..] {
-        assert!(max_abs_diff(&w[key], &finals[0].1[key]) > 0.0, "{name} equals seqft");
+        assert!(
+            max_abs_diff(&w[key], &finals[0].1[key]) > 0.0,
+            "{name} equals seqft"
+        );
     }
 }
 
@@ -257,5 +265,7 @@ fn a_baseline_over_a_lora_adapter_saves_one_per_task() {
     }
     let f = tensors(&out.join("task-3-CB/ewc_fisher.safetensors"));
     assert_eq!(f.len(), 8);
-    assert!(f.keys().all(|k| k.ends_with(".lora_A") || k.ends_with(".lora_B")));
+    assert!(f
+        .keys()
+        .all(|k| k.ends_with(".lora_A") || k.ends_with(".lora_B")));
 }

@@ -185,7 +185,10 @@ fn stopped_inside_a_task_and_resumed_equals_uninterrupted_for_every_stage_kind()
         );
         let (a, b) = (adapter_bytes(&reference), adapter_bytes(&stopped));
         assert_eq!(a.len(), if method == MethodName::Mtl { 1 } else { 3 });
-        assert!(!a.last().unwrap().1.is_empty(), "{name}: the last task saved nothing");
+        assert!(
+            !a.last().unwrap().1.is_empty(),
+            "{name}: the last task saved nothing"
+        );
         for ((ka, va), (kb, vb)) in a.iter().zip(&b) {
             assert_eq!(ka, kb);
             assert!(va == vb, "{name}: {ka} differs from the uninterrupted run");

@@ -41,7 +41,8 @@ pub fn distillation_kl(student: &Tensor, teacher: &Tensor, temperature: f64) -> 
     };
     let inv_t = 1.0 / temperature;
     let log_s = candle_nn::ops::log_softmax(&up(student)?.affine(inv_t, 0.0)?, D::Minus1)?;
-    let log_t = candle_nn::ops::log_softmax(&up(&teacher.detach())?.affine(inv_t, 0.0)?, D::Minus1)?;
+    let log_t =
+        candle_nn::ops::log_softmax(&up(&teacher.detach())?.affine(inv_t, 0.0)?, D::Minus1)?;
     let kl_rows = (log_t.exp()? * (&log_t - &log_s)?)?.sum(D::Minus1)?;
     Ok(kl_rows.mean_all()?.affine(temperature * temperature, 0.0)?)
 }
@@ -66,7 +67,12 @@ impl Lwf {
 
     /// The teacher's logits at the batch's label positions: the snapshot set
     /// into the variables for one inference forward, the trained values put back.
-    fn teacher_logits(&self, model: &dyn LanguageModel, batch: &LmBatch, teacher: &[Tensor]) -> Result<Tensor> {
+    fn teacher_logits(
+        &self,
+        model: &dyn LanguageModel,
+        batch: &LmBatch,
+        teacher: &[Tensor],
+    ) -> Result<Tensor> {
         let vars = named_trainable(model.adapter_sites());
         if vars.len() != teacher.len() {
             return Err(TrainError::Other(format!(
@@ -192,7 +198,11 @@ mod tests {
         let mut want = 0.0;
         for (srow, trow) in s.iter().zip(&te) {
             let (ps, pt) = (softmax(srow), softmax(trow));
-            want += pt.iter().zip(&ps).map(|(t, s)| t * (t / s).ln()).sum::<f64>();
+            want += pt
+                .iter()
+                .zip(&ps)
+                .map(|(t, s)| t * (t / s).ln())
+                .sum::<f64>();
         }
         want = want / 2.0 * temp * temp;
         let student = Var::from_tensor(&Tensor::new(&s, &Device::Cpu).unwrap()).unwrap();

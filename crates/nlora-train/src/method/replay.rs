@@ -182,7 +182,13 @@ mod tests {
         // 30 "a", 6 "b", 2 "c": 9 kept take 3, 3 and 2 (all of "c"), then 1 more.
         let exs: Vec<EncodedExample> = (0..38)
             .map(|i| {
-                let l = if i < 30 { "a" } else if i < 36 { "b" } else { "c" };
+                let l = if i < 30 {
+                    "a"
+                } else if i < 36 {
+                    "b"
+                } else {
+                    "c"
+                };
                 example("t1", l, i)
             })
             .collect();
@@ -212,7 +218,9 @@ mod tests {
         cfg.replay_per_task = 5;
         cfg.replay_ratio = 0.25;
         let mut replay = Replay::new(&cfg);
-        let old: Vec<EncodedExample> = (0..20).map(|i| example("old", ["x", "y"][i % 2], i)).collect();
+        let old: Vec<EncodedExample> = (0..20)
+            .map(|i| example("old", ["x", "y"][i % 2], i))
+            .collect();
         replay
             .memory
             .add_task(&old.iter().collect::<Vec<_>>(), 5, 3);
@@ -232,7 +240,11 @@ mod tests {
                 *seen_new.entry(e.prompt[0]).or_insert(0) += 1;
             }
             // Memory examples in a batch are distinct.
-            let mut mem: Vec<u32> = b.iter().filter(|e| e.task == "old").map(|e| e.prompt[0]).collect();
+            let mut mem: Vec<u32> = b
+                .iter()
+                .filter(|e| e.task == "old")
+                .map(|e| e.prompt[0])
+                .collect();
             mem.dedup();
             assert_eq!(mem.len(), 2);
         }
