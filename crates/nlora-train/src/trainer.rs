@@ -1,5 +1,6 @@
-//! One training stage: AdamW on the trainable adapters only, over the stage's
-//! examples for the configured epochs, with gradient accumulation, optional
+//! One training stage: AdamW on the trainable variables only (the current
+//! adapters, or every linear weight for full fine-tuning), over the stage's
+//! examples (plus Replay's memory) for the configured epochs, with gradient accumulation, optional
 //! clipping and schedule, checkpoints every N steps, and a stop (or skip) on
 //! a non-finite loss or gradient.
 use std::collections::HashMap;
