@@ -371,7 +371,10 @@ fn default_replay_ratio() -> f64 {
     0.25
 }
 /// The squared per-example gradients of a mean cross-entropy are small
-/// (SmolLM2: ~1e-9 per weight on average), so lambda is large.
+/// (SmolLM2-135M after a dbpedia task: mean F 4.7e-6 per linear weight, max
+/// 0.68), so lambda is large: with the weights moved ~3e-4 by a mini task at
+/// lr 5e-5, 1e4 makes the penalty of the order of the task loss (~0.5).
+/// Not tuned.
 fn default_ewc_lambda() -> f64 {
     1e4
 }
