@@ -216,6 +216,17 @@ fn site_histories(adapters: &[PeftAdapter]) -> Result<Vec<SiteHistory>> {
 /// Computes the geometry of the run at `root` and writes metrics.json.
 pub fn run_metrics(root: &Path, threshold: CollisionThreshold) -> Result<RunMetrics> {
     let rd = RunDir::new(root);
+    if let Ok(cfg) = crate::RunConfig::from_toml_file(&rd.config()) {
+        if cfg.method.name.is_baseline() && cfg.method.trainable == crate::config::Trainable::Full {
+            return Err(TrainError::RunDir {
+                path: root.to_path_buf(),
+                message: format!(
+                    "method `{}` fine-tuned the full weights: there are no per-task low-rank updates dW = B A to measure (OO, AWOM, GSR and collisions are defined on LoRA updates); its accuracy is in results.json",
+                    cfg.method.name.as_str()
+                ),
+            });
+        }
+    }
     let results: Results = read_json(&rd.results_json())?;
     let histories = load_site_histories(root, results.accuracy_matrix.len())?;
     let summary: GeometrySummary = geometry(&histories, threshold)?;

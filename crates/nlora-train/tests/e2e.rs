@@ -225,6 +225,14 @@ fn the_full_fine_tuning_baselines_train_every_linear_weight_and_keep_the_latest_
         if cfg!(target_os = "linux") {
             assert!(timings["peak_rss_bytes"].as_u64().unwrap() > 1 << 20);
         }
+        // `nlora metrics` measures LoRA updates: a clear refusal here.
+        let err = nlora_train::analysis::run_metrics(
+            &out,
+            nlora_math::metrics::CollisionThreshold::RelativeToSiteMax(0.01),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("fine-tuned the full weights"), "{name}: {err}");
         finals.push((name, w));
     }
     // The methods differ from SeqFT in what they train: replay's batches,
