@@ -8,6 +8,7 @@
 //! sites of a model by module path and saves/loads adapters in PEFT format.
 //! Nothing here knows any architecture.
 pub mod config;
+pub mod device;
 pub mod error;
 pub mod frozen;
 mod lora_op;
@@ -16,6 +17,7 @@ pub mod site;
 pub mod sites;
 
 pub use config::LoraConfig;
+pub use device::{use_fused, with_composed_ops, DeviceSpec};
 pub use error::{AdapterError, Result};
 pub use frozen::{frozen_matmul_t, FrozenLinear};
 pub use peft::{PeftAdapter, PeftConfig};

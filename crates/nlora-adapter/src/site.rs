@@ -310,31 +310,39 @@ impl AdapterSite {
 
     /// `x (..., in) -> (..., out)`. `dropout_seed` seeds this site's dropout
     /// mask (only used in [`ForwardMode::Train`] with a positive dropout).
+    ///
+    /// On the CPU (f32/f64, one dtype) the whole layer is one fused op;
+    /// elsewhere ([`crate::device::use_fused`]) a composition of candle ops.
+    /// Mixed precision meets here: a bf16 base computes `x W0^T` in bf16,
+    /// the adapters (f32) see `x` cast to f32, and their update is cast back
+    /// to bf16 before the sum; the casts are differentiable.
     pub fn forward(&self, x: &Tensor, mode: ForwardMode) -> Result<Tensor> {
         let train_base = match (&self.trainable_base, mode) {
             (Some(w), ForwardMode::Train { .. }) => Some(w),
             _ => None,
         };
-        if let (Some(cur), true, None) = (&self.current, x.device().is_cpu(), train_base) {
-            let (a, b) = match mode {
-                ForwardMode::Inference => (cur.a.as_tensor().detach(), cur.b.as_tensor().detach()),
-                ForwardMode::Train { .. } => (cur.a.as_tensor().clone(), cur.b.as_tensor().clone()),
-            };
-            let dropout = match mode {
-                ForwardMode::Train {
-                    dropout_seed: Some(seed),
-                } if cur.dropout > 0.0 => Some(Dropout {
-                    p: cur.dropout,
-                    seed,
-                }),
-                _ => None,
-            };
-            let frozen = Frozen {
-                weight: self.base.weight(),
-                bias: self.base.bias(),
-                history: self.stacked.as_ref().map(|h| (&h.a, &h.b_scaled)),
-            };
-            return lora_linear(x, &a, &b, frozen, cur.scale(), dropout);
+        let dropout_for = |cur: &LoraAdapter| match mode {
+            ForwardMode::Train {
+                dropout_seed: Some(seed),
+            } if cur.dropout > 0.0 => Some(Dropout {
+                p: cur.dropout,
+                seed,
+            }),
+            _ => None,
+        };
+        let current = self.current.as_ref().map(|cur| match mode {
+            ForwardMode::Inference => (cur, cur.a.as_tensor().detach(), cur.b.as_tensor().detach()),
+            ForwardMode::Train { .. } => (cur, cur.a.as_tensor().clone(), cur.b.as_tensor().clone()),
+        });
+        if let (Some((cur, a, b)), None) = (&current, train_base) {
+            if crate::device::use_fused(x) && a.dtype() == x.dtype() {
+                let frozen = Frozen {
+                    weight: self.base.weight(),
+                    bias: self.base.bias(),
+                    history: self.stacked.as_ref().map(|h| (&h.a, &h.b_scaled)),
+                };
+                return lora_linear(x, a, b, frozen, cur.scale(), dropout_for(cur));
+            }
         }
         let mut y = match train_base {
             // Full fine-tuning: candle's matmul, whose backward gives dW too.
@@ -361,20 +369,21 @@ impl AdapterSite {
             }
             None => self.base.forward(x)?,
         };
+        let adapter_dtype = match (&current, &self.stacked) {
+            (Some((_, a, _)), _) => a.dtype(),
+            (None, Some(h)) => h.a.dtype(),
+            (None, None) => return Ok(y),
+        };
+        let xa = x.to_dtype(adapter_dtype)?;
         if let Some(h) = &self.stacked {
-            let hx = frozen_matmul_t(x, &h.a)?;
-            y = (y + frozen_matmul_t(&hx, &h.b_scaled)?)?;
+            let hx = frozen_matmul_t(&xa, &h.a)?;
+            let dtype = y.dtype();
+            y = (y + frozen_matmul_t(&hx, &h.b_scaled)?.to_dtype(dtype)?)?;
         }
-        if let Some(cur) = &self.current {
-            let (a, b) = match mode {
-                ForwardMode::Inference => (cur.a.as_tensor().detach(), cur.b.as_tensor().detach()),
-                ForwardMode::Train { .. } => (cur.a.as_tensor().clone(), cur.b.as_tensor().clone()),
-            };
-            let x_in = match mode {
-                ForwardMode::Train {
-                    dropout_seed: Some(seed),
-                } if cur.dropout > 0.0 => dropout(x, cur.dropout, seed)?,
-                _ => x.clone(),
+        if let Some((cur, a, b)) = &current {
+            let x_in = match dropout_for(cur) {
+                Some(d) => d.composed(&xa)?,
+                None => xa,
             };
             let in_f = self.in_features();
             let m = x_in.elem_count() / in_f;
@@ -384,18 +393,25 @@ impl AdapterSite {
                 .matmul(&a.t()?)?
                 .affine(cur.scale(), 0.0)?
                 .matmul(&b.t()?)?
-                .reshape(y.shape())?;
+                .reshape(y.shape())?
+                .to_dtype(y.dtype())?;
             y = (y + u)?;
         }
         Ok(y)
     }
 }
 
-/// Inverted dropout with a mask drawn from `seed` (reproducible steps). The
-/// mask is never stored: the backward draws it again from the seed, so the
-/// graph holds only the dropped-out input.
+/// Inverted dropout with a mask drawn from `seed` (reproducible steps). On
+/// the CPU the mask is never stored: the backward draws it again from the
+/// seed, so the graph holds only the dropped-out input.
+#[cfg(test)]
 fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Dropout { p, seed })
+    let d = Dropout { p, seed };
+    if crate::device::use_fused(x) {
+        x.contiguous()?.apply_op1(d)
+    } else {
+        d.composed(x)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -430,6 +446,18 @@ impl Dropout {
                 }
             });
         out
+    }
+
+    /// The same inverted dropout as differentiable candle ops on any device:
+    /// `x * mask`, the mask drawn on the CPU from the same block streams (so
+    /// every device drops the same entries for a seed) and sent to `x`'s
+    /// device. The graph keeps the mask; the backward is candle's `mul`.
+    pub(crate) fn composed(&self, x: &Tensor) -> Result<Tensor> {
+        let ones = vec![1f32; x.elem_count()];
+        let mask = Tensor::from_vec(self.apply(&ones), x.shape(), &Device::Cpu)?
+            .to_device(x.device())?
+            .to_dtype(x.dtype())?;
+        x.mul(&mask)
     }
 
     /// The dropped-out copy of a contiguous storage.
@@ -542,6 +570,12 @@ mod tests {
 
     #[test]
     fn dropout_masks_value_and_gradient_alike_and_is_seeded() {
+        dropout_check();
+        // the composed path (CUDA's) drops the same entries
+        crate::device::with_composed_ops(dropout_check);
+    }
+
+    fn dropout_check() {
         let x = Var::from_tensor(&Tensor::arange(1f64, 2001.0, &Device::Cpu).unwrap()).unwrap();
         let y = dropout(x.as_tensor(), 0.25, 7).unwrap();
         let kept: Vec<f64> = y.to_vec1().unwrap();

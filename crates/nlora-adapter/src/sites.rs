@@ -154,7 +154,7 @@ impl AdapterSites {
                 cfg,
                 site.in_features(),
                 site.out_features(),
-                w.dtype(),
+                crate::device::adapter_dtype(w.dtype()),
                 w.device(),
                 &mut rng,
             )?;
