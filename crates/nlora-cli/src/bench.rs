@@ -8,15 +8,21 @@
 //!     logits at every position; (d) greedy generation of a few tokens for a
 //!     batch of prompts; (e) peak RSS; (f) the GEMM throughput at the
 //!     MLP's shape, the ceiling for all of the above.
+//!
+//! `--device cuda --dtype bf16` measures on a GPU (each timing ends with a
+//! device synchronisation); `--random-shape llama-7b` measures a randomly
+//! initialised model of LLaMA-7B's shapes (`--layers N` keeps the first N
+//! layers when the whole model does not fit or takes too long).
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use clap::Args;
 use nlora_adapter::{ForwardMode, LoraConfig};
 use nlora_math::penalty::{nlora_l1, NLoraForm, Site};
-use nlora_model::{load_model, GenerateOptions, LanguageModel, LmBatch};
+use nlora_model::llama::{Llama, LlamaConfig};
+use nlora_model::{load_model_as, GenerateOptions, LanguageModel, LmBatch};
 use nlora_train::optim::{AdamW, AdamWParams};
 
 #[derive(Args, Debug)]
@@ -52,6 +58,38 @@ pub struct BenchArgs {
     /// One JSON object on stdout instead of a table.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub device: crate::device::DeviceArgs,
+    /// A randomly initialised model of a paper's shapes instead of --model:
+    /// llama-7b (LLaMA-2-7B: hidden 4096, MLP 11008, 32 heads, vocab 32000).
+    #[arg(long, conflicts_with = "model")]
+    pub random_shape: Option<String>,
+    /// With --random-shape: keep this many decoder layers (default: all).
+    #[arg(long, requires = "random_shape")]
+    pub layers: Option<usize>,
+}
+
+/// The config of a named paper shape.
+fn random_shape_config(name: &str, layers: Option<usize>) -> Result<LlamaConfig> {
+    let json = match name {
+        "llama-7b" => serde_json::json!({
+            "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 4096,
+        }),
+        other => bail!(
+            "--random-shape {other}: known shapes are llama-7b (T5-large's is measured on the \
+             PyTorch side only: bench/pytorch_shapes.py)"
+        ),
+    };
+    let mut cfg: LlamaConfig = serde_json::from_value(json)?;
+    if let Some(n) = layers {
+        if n == 0 || n > cfg.num_hidden_layers {
+            bail!("--layers {n}: give 1..={}", cfg.num_hidden_layers);
+        }
+        cfg.num_hidden_layers = n;
+    }
+    Ok(cfg)
 }
 
 /// Peak resident set size of this process so far (VmHWM), MiB.
@@ -133,20 +171,30 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
     let threads = candle_core::utils::get_num_threads();
-    let path = args
-        .model
-        .clone()
-        .unwrap_or_else(nlora_train::engine::default_model_path);
-    if !path.exists() {
-        bail!(
-            "model {} is missing: run scripts/fetch-model.sh (or pass --model / set NLORA_MODEL)",
-            path.display()
-        );
-    }
-    let device = Device::Cpu;
+    let (device, dtype) = args.device.open()?;
     let load_start = Instant::now();
-    let mut model =
-        load_model(&path, &device).with_context(|| format!("loading {}", path.display()))?;
+    let (mut model, model_name) = match &args.random_shape {
+        Some(shape) => {
+            let cfg = random_shape_config(shape, args.layers)?;
+            let name = format!("random {shape} ({} layers)", cfg.num_hidden_layers);
+            (Llama::random(cfg, dtype, &device)?, name)
+        }
+        None => {
+            let path = args
+                .model
+                .clone()
+                .unwrap_or_else(nlora_train::engine::default_model_path);
+            if !path.exists() {
+                bail!(
+                    "model {} is missing: run scripts/fetch-model.sh (or pass --model / set NLORA_MODEL)",
+                    path.display()
+                );
+            }
+            let model = load_model_as(&path, dtype, &device)
+                .with_context(|| format!("loading {}", path.display()))?;
+            (model, path.display().to_string())
+        }
+    };
     let lora = LoraConfig::default(); // r 8, alpha 32, dropout 0.1 on q_proj, v_proj
     model.adapter_sites_mut().init_new_adapters(&lora, 0)?;
     let load_secs = load_start.elapsed().as_secs_f64();
@@ -158,6 +206,8 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let rows: Vec<Vec<u32>> = ids.chunks(s).map(<[u32]>::to_vec).collect();
     let all = vec![vec![true; s]; b];
     let batch = LmBatch::causal_right_padded(&rows, &all, 0, &device)?;
+    // GPU work is queued: a timing ends when the device has finished it
+    let sync = || -> Result<()> { Ok(device.synchronize()?) };
     let named_vars: Vec<(String, candle_core::Var)> = model
         .adapter_sites()
         .adapted()
@@ -199,7 +249,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         }
         let grads = loss.backward()?;
         opt.step(&grads)?;
-        Ok(())
+        sync()
     };
     let tokens = (b * s) as f64;
     let t_train = timed(args.warmup, args.steps, || train_step(false))?;
@@ -210,7 +260,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let t_fwd = timed(args.warmup, args.steps, || {
         let logits = model.forward_logits(&batch, ForwardMode::Inference)?;
         std::hint::black_box(logits);
-        Ok(())
+        sync()
     })?;
 
     // (d) greedy generation, no EOS: every row gets gen_tokens new tokens
@@ -234,11 +284,11 @@ pub fn bench(args: BenchArgs) -> Result<()> {
 
     // (f) GEMM throughput at the MLP's shape: the ceiling for everything above
     let (mm, mk, mn) = (b * s, cfg.hidden_size, cfg.intermediate_size);
-    let x = Tensor::randn(0f32, 1.0, (mm, mk), &device)?;
-    let w = Tensor::randn(0f32, 0.02, (mn, mk), &device)?;
+    let x = Tensor::randn(0f32, 1.0, (mm, mk), &device)?.to_dtype(dtype)?;
+    let w = Tensor::randn(0f32, 0.02, (mn, mk), &device)?.to_dtype(dtype)?;
     let t_mm = timed(2, 20, || {
         std::hint::black_box(nlora_adapter::frozen_matmul_t(&x, &w)?);
-        Ok(())
+        sync()
     })?;
 
     let (fwd_flops, train_flops) =
@@ -246,14 +296,15 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let row = |k: &str, v: f64| (k.to_string(), serde_json::json!(v));
     let mut out = serde_json::Map::from_iter([
         ("framework".to_string(), serde_json::json!("nlora")),
+        ("model".to_string(), serde_json::json!(model_name)),
         (
-            "model".to_string(),
-            serde_json::json!(path.display().to_string()),
+            "device".to_string(),
+            serde_json::json!(format!("{device:?}")),
         ),
         ("threads".to_string(), serde_json::json!(threads)),
         ("batch".to_string(), serde_json::json!(b)),
         ("seq".to_string(), serde_json::json!(s)),
-        ("dtype".to_string(), serde_json::json!("f32")),
+        ("dtype".to_string(), serde_json::json!(format!("{dtype:?}").to_lowercase())),
         row("load_s", load_secs),
         row("train_tokens_per_s", tokens / t_train),
         row("train_nlora_tokens_per_s", tokens / t_nlora),
@@ -281,8 +332,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "nlora bench: {} (f32, {threads} threads, batch {b} x {s}, load {load_secs:.1} s)",
-        path.display()
+        "nlora bench: {model_name} ({dtype:?} on {device:?}, {threads} threads, batch {b} x {s}, load {load_secs:.1} s)"
     );
     let get = |k: &str| {
         out.get(k)

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use clap::Args;
 use nlora_model::tokenizer::TextTokenizer;
 use nlora_model::{load_any_model, GenerateOptions, LanguageModel};
@@ -29,16 +28,18 @@ pub struct GenerateArgs {
     /// (for parity checks against Python PEFT: scripts/peft_interop.py).
     #[arg(long)]
     pub logits_out: Option<PathBuf>,
+    #[command(flatten)]
+    pub device: crate::device::DeviceArgs,
 }
 
 pub fn generate(args: GenerateArgs) -> Result<()> {
     if args.max_new_tokens == 0 {
         bail!("--max-new-tokens must be at least 1");
     }
-    let device = Device::Cpu;
+    let (device, dtype) = args.device.open()?;
     let start = Instant::now();
     // The model first: its loader says best what is wrong with a path.
-    let mut model = load_any_model(&args.model, candle_core::DType::F32, &device)
+    let mut model = load_any_model(&args.model, dtype, &device)
         .with_context(|| format!("loading the model {}", args.model.display()))?;
     for dir in &args.adapter {
         let adapter = nlora_adapter::PeftAdapter::load(dir, &device)

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod data;
+mod device;
 mod generate;
 mod report;
 mod run;

@@ -53,6 +53,13 @@ pub struct RunArgs {
     /// No progress bars.
     #[arg(long)]
     quiet: bool,
+    /// Where to compute: cpu, cuda or cuda:N (config key `model.device`;
+    /// a resumed run may move to another device).
+    #[arg(long)]
+    device: Option<String>,
+    /// Base weights' precision: f32 or bf16 (config key `model.dtype`; adapters stay f32).
+    #[arg(long)]
+    dtype: Option<String>,
 }
 
 #[derive(Args)]
@@ -163,6 +170,13 @@ fn apply_flags(mut cfg: RunConfig, args: &RunArgs) -> Result<RunConfig> {
     if let Some(s) = args.seed {
         cfg.seed = s;
     }
+    if let Some(d) = &args.device {
+        cfg.model.device = d.parse::<nlora_adapter::DeviceSpec>().map_err(anyhow::Error::msg)?.to_string();
+    }
+    if let Some(d) = &args.dtype {
+        nlora_adapter::device::parse_base_dtype(d).map_err(anyhow::Error::msg)?;
+        cfg.model.dtype = d.to_ascii_lowercase();
+    }
     Ok(cfg)
 }
 
@@ -175,8 +189,9 @@ fn check_resume_config(args: &RunArgs, saved: &RunConfig) -> Result<()> {
     } else {
         apply_flags(saved.clone(), args)?
     };
-    // The data may have moved (--data-dir is honoured); the model must be the same file.
+    // The data may have moved (--data-dir is honoured), and the device; the model must be the same file.
     given.data.dir.clone_from(&saved.data.dir);
+    given.model.device.clone_from(&saved.model.device);
     let same_file = |a: &PathBuf, b: &PathBuf| {
         a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
     };
@@ -204,7 +219,11 @@ pub fn run(args: RunArgs, verbose: u8) -> Result<()> {
         let saved = RunConfig::from_toml_file(&args.out.join("config.toml"))
             .with_context(|| format!("cannot resume {}", args.out.display()))?;
         check_resume_config(&args, &saved)?;
-        saved
+        let mut cfg = saved;
+        if let Some(d) = &args.device {
+            cfg.model.device = d.parse::<nlora_adapter::DeviceSpec>().map_err(anyhow::Error::msg)?.to_string();
+        }
+        cfg
     } else {
         build_config(&args)?
     };

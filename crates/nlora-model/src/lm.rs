@@ -27,6 +27,15 @@ pub struct LmBatch {
 }
 
 impl LmBatch {
+    /// The same batch on `device`.
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        Ok(Self {
+            input_ids: self.input_ids.to_device(device)?,
+            attention_mask: self.attention_mask.to_device(device)?,
+            labels: self.labels.to_device(device)?,
+        })
+    }
+
     /// Checks ranks, dtypes and that `input_ids` and `attention_mask` agree.
     pub fn new(input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Result<Self> {
         let bad = |message: String| ModelError::Tensor {

@@ -256,6 +256,22 @@ pub struct ModelSection {
     pub r: usize,
     pub alpha: f64,
     pub dropout: f64,
+    /// Where the run computes: `cpu`, `cuda` or `cuda:N` (a GPU needs an
+    /// nlora built with `--features cuda`). `nlora run --device` sets it;
+    /// a resumed run may change it.
+    pub device: String,
+    /// The frozen base weights' precision: `f32`, or `bf16` (for GPUs; the
+    /// adapters always train in f32).
+    pub dtype: String,
+}
+
+impl ModelSection {
+    pub fn device_spec(&self) -> std::result::Result<nlora_adapter::DeviceSpec, String> {
+        self.device.parse()
+    }
+    pub fn base_dtype(&self) -> std::result::Result<candle_core::DType, String> {
+        nlora_adapter::device::parse_base_dtype(&self.dtype)
+    }
 }
 
 impl Default for ModelSection {
@@ -266,6 +282,8 @@ impl Default for ModelSection {
             r: 8,
             alpha: 32.0,
             dropout: 0.1,
+            device: "cpu".into(),
+            dtype: "f32".into(),
         }
     }
 }
@@ -647,6 +665,12 @@ impl RunConfig {
     /// Checks values that serde cannot: ranges, list lengths, names.
     pub fn validate(&self, n_tasks: usize) -> Result<()> {
         let bad = |m: String| Err(TrainError::Config(m));
+        if let Err(e) = self.model.device_spec() {
+            return bad(format!("model.device: {e}"));
+        }
+        if let Err(e) = self.model.base_dtype() {
+            return bad(format!("model.dtype: {e}"));
+        }
         if n_tasks == 0 {
             return bad(
                 "the task order is empty: give `data.order` or a non-empty `data.tasks`".into(),

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use nlora_adapter::{LoraConfig, PeftAdapter};
 use nlora_math::capacity::DensityController;
@@ -141,7 +141,9 @@ pub fn run(cfg: RunConfig, data_dir: &Path, opts: &RunOptions) -> Result<Results
                     .into(),
             });
         }
-        let saved = RunConfig::from_toml_file(&rd.config())?;
+        let mut saved = RunConfig::from_toml_file(&rd.config())?;
+        // a run may resume on another device (the caller's); the rest is the saved config
+        saved.model.device.clone_from(&cfg.model.device);
         let state: RunState = if state_path.exists() {
             read_json(&state_path)?
         } else {
@@ -194,8 +196,15 @@ pub fn run(cfg: RunConfig, data_dir: &Path, opts: &RunOptions) -> Result<Results
         names
     );
 
-    let device = Device::Cpu;
-    let mut model = load_any_model(&model_path, DType::F32, &device)?;
+    // validated above; the device and dtype are the config's (config.toml records them)
+    let device = cfg
+        .model
+        .device_spec()
+        .and_then(|d| d.open())
+        .map_err(TrainError::Config)?;
+    let dtype = cfg.model.base_dtype().map_err(TrainError::Config)?;
+    tracing::info!("device {}, base weights {dtype:?}", cfg.model.device);
+    let mut model = load_any_model(&model_path, dtype, &device)?;
     let tokenizer = TextTokenizer::from_path(&model_path)?;
     let batching = Batching::for_model(&model, &tokenizer, batch_config(&cfg))?;
     let stream = load_stream(&cfg, data_dir, &batching)?;

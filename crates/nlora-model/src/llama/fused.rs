@@ -11,8 +11,9 @@
 //! (tests/llama_parity.rs, tests/llama_adapters.rs) and the unit tests below
 //! check them.
 //!
-//! CPU only: callers use these when the tensors are on the CPU and fall back
-//! to the compositions elsewhere.
+//! CPU only (f32/f64): callers ask `nlora_adapter::use_fused` and fall back
+//! to the compositions elsewhere (CUDA, bf16); `with_composed_ops` forces the
+//! compositions on the CPU, and tests/device_parity.rs checks the two agree.
 use std::ops::Range;
 use std::sync::Mutex;
 

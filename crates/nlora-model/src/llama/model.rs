@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, D};
-use nlora_adapter::{AdapterSite, AdapterSites, ForwardMode, SiteId};
+use nlora_adapter::{use_fused, AdapterSite, AdapterSites, ForwardMode, SiteId};
 
 use super::{fused, LlamaConfig};
 use crate::error::{ModelError, Result};
@@ -25,17 +25,21 @@ struct RmsNorm {
 
 impl RmsNorm {
     fn forward(&self, x: &Tensor, mode: ForwardMode) -> Result<Tensor> {
-        if x.device().is_cpu() {
+        if use_fused(x) {
             return Ok(fused::rms_norm(x, &self.weight, self.eps)?);
         }
         // candle's fused kernel has no backward, and no F64 version
         if mode == ForwardMode::Inference && x.dtype() != DType::F64 {
             return Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)?);
         }
+        // bf16 is normalised in f32, as transformers does
+        let dtype = x.dtype();
+        let x = x.to_dtype(compute_dtype(dtype))?;
         let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
             .sqrt()?
             .recip()?;
-        Ok(x.broadcast_mul(&inv_rms)?.broadcast_mul(&self.weight)?)
+        let normed = x.broadcast_mul(&inv_rms)?.to_dtype(dtype)?;
+        Ok(normed.broadcast_mul(&self.weight)?)
     }
 }
 
@@ -80,7 +84,7 @@ impl Rope {
     /// `x (b, s, n, d)` (a projection's output split into heads) rotated
     /// and laid out `(b, n, s, d)`; HF rotate-half convention (pairs `(i, i + d/2)`).
     fn to_heads(&self, x: &Tensor, mode: ForwardMode) -> Result<Tensor> {
-        if x.device().is_cpu() {
+        if use_fused(x) {
             return Ok(fused::rope_to_heads(x, &self.cos, &self.sin)?);
         }
         let x = x.transpose(1, 2)?.contiguous()?;
@@ -163,7 +167,7 @@ impl Attention {
             *slot = Some((k.clone(), v.clone()));
         }
         let scale = 1.0 / (hd as f64).sqrt();
-        if q.device().is_cpu() {
+        if use_fused(&q) {
             let out = fused::attention(&q, &k, &v, mask, scale)?;
             return Ok(sites.forward(self.o_proj, &out, mode)?);
         }
@@ -173,11 +177,16 @@ impl Attention {
         // repeat_kv) are stacked along the sequence axis.
         let n_rep = nh / nkv;
         let q = q.reshape((b, nkv, n_rep * s, hd))?;
-        let scores = ((q.matmul(&k.t()?)? * scale)?.reshape((b, nh, s, t))?).broadcast_add(mask)?;
+        // scores and softmax in f32 (the mask is f32) also on a bf16 model
+        let scores = (q.matmul(&k.t()?)? * scale)?
+            .reshape((b, nh, s, t))?
+            .to_dtype(mask.dtype())?
+            .broadcast_add(mask)?;
         let probs = match mode {
             ForwardMode::Inference => candle_nn::ops::softmax_last_dim(&scores)?,
             ForwardMode::Train { .. } => candle_nn::ops::softmax(&scores, D::Minus1)?,
-        };
+        }
+        .to_dtype(v.dtype())?;
         let out = probs
             .reshape((b, nkv, n_rep * s, t))?
             .matmul(&v)?
@@ -205,10 +214,10 @@ impl Mlp {
             && down.history().is_empty()
             && down.base().bias().is_none()
             && down.base_var().is_none();
-        if x.device().is_cpu() && plain_down {
+        if use_fused(x) && plain_down {
             return Ok(fused::swiglu_linear(&gate, &up, down.base().weight())?);
         }
-        let h = if x.device().is_cpu() {
+        let h = if use_fused(x) {
             fused::swiglu(&gate, &up)?
         } else {
             (gate.silu()? * up)?
@@ -244,10 +253,17 @@ struct WeightSource {
     tensors: HashMap<String, Tensor>,
     dtype: DType,
     device: Device,
+    /// Random weights of the right shapes instead (speed benchmarks at a paper's shapes).
+    random: bool,
 }
 
 impl WeightSource {
     fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        if self.random {
+            // drawn on the device: a 7B model never passes through host memory
+            let t = Tensor::randn(0f32, 0.02, shape, &self.device)?;
+            return Ok(t.to_dtype(self.dtype)?);
+        }
         let t = self
             .tensors
             .remove(name)
@@ -267,6 +283,15 @@ impl WeightSource {
 
 use crate::config_io::mask_value;
 
+/// Where a bf16 model computes its norms, softmax and loss: f32.
+fn compute_dtype(dtype: DType) -> DType {
+    if dtype == DType::BF16 {
+        DType::F32
+    } else {
+        dtype
+    }
+}
+
 impl Llama {
     /// Builds the model from Hugging Face-named tensors
     /// (`model.embed_tokens.weight`, `model.layers.{i}.self_attn.q_proj.weight`, ...),
@@ -278,16 +303,33 @@ impl Llama {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        Self::build(config, tensors, false, dtype, device)
+    }
+
+    /// A model of `config`'s shapes with random weights (N(0, 0.02), norms
+    /// too): for measuring speed at a model size one cannot download.
+    pub fn random(config: LlamaConfig, dtype: DType, device: &Device) -> Result<Self> {
+        Self::build(config, HashMap::new(), true, dtype, device)
+    }
+
+    fn build(
+        config: LlamaConfig,
+        tensors: HashMap<String, Tensor>,
+        random: bool,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         check_config(&config)?;
-        if !matches!(dtype, DType::F32 | DType::F64) {
+        if !matches!(dtype, DType::F32 | DType::F64 | DType::BF16) {
             return Err(ModelError::Unsupported(format!(
-                "model dtype {dtype:?}: weights are computed in F32 (or F64 for checks)"
+                "model dtype {dtype:?}: weights are F32, BF16 (GPU), or F64 for checks"
             )));
         }
         let mut w = WeightSource {
             tensors,
             dtype,
             device: device.clone(),
+            random,
         };
         let c = &config;
         let (h, hd, nh, nkv, inter) = (
@@ -426,7 +468,7 @@ impl Llama {
         let past = cache.as_ref().map_or(0, |c| c.len());
         let t = past + s;
         // additive mask (b, 1, s, t): causal and padding
-        let neg = mask_value(self.dtype);
+        let neg = mask_value(compute_dtype(self.dtype));
         let mut m = Vec::with_capacity(b * s * t);
         for row in key_mask {
             if row.len() != t {
@@ -441,7 +483,8 @@ impl Llama {
                 }
             }
         }
-        let mask = Tensor::from_vec(m, (b, 1, s, t), &self.device)?.to_dtype(self.dtype)?;
+        let mask =
+            Tensor::from_vec(m, (b, 1, s, t), &self.device)?.to_dtype(compute_dtype(self.dtype))?;
         let rope = Rope::new(
             positions,
             self.config.head_dim(),
@@ -466,8 +509,11 @@ impl Llama {
         self.norm.forward(&x, mode)
     }
 
+    /// Logits in f32 (or f64) whatever the weights' dtype: the loss and
+    /// the scores are computed from them.
     fn lm_head(&self, h: &Tensor, mode: ForwardMode) -> Result<Tensor> {
-        Ok(self.sites.forward(self.lm_head, h, mode)?)
+        let logits = self.sites.forward(self.lm_head, h, mode)?;
+        Ok(logits.to_dtype(compute_dtype(logits.dtype()))?)
     }
 
     /// Full-sequence hidden states of a batch (no cache), positions from the mask.
@@ -667,7 +713,7 @@ impl LanguageModel for Llama {
             && head.base_var().is_none();
         // The fused lm_head + cross-entropy computes its input gradient in the
         // forward: worth it only when a backward follows.
-        if !(mode.tracks_gradients() && plain_head && self.device.is_cpu()) {
+        if !(mode.tracks_gradients() && plain_head && use_fused(head.base().weight())) {
             return self.label_logits(batch, mode)?.mean_cross_entropy();
         }
         let (h, targets, _) = self.label_hidden_states(batch, mode)?;
