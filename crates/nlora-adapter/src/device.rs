@@ -164,7 +164,10 @@ mod tests {
             return;
         }
         let e = DeviceSpec::Cuda(0).open().unwrap_err();
-        assert!(e.contains("--features cuda") && e.contains("cuda-toolchain.sh"), "{e}");
+        assert!(
+            e.contains("--features cuda") && e.contains("cuda-toolchain.sh"),
+            "{e}"
+        );
         assert!(cuda_device().is_none());
     }
 

@@ -332,7 +332,9 @@ impl AdapterSite {
         };
         let current = self.current.as_ref().map(|cur| match mode {
             ForwardMode::Inference => (cur, cur.a.as_tensor().detach(), cur.b.as_tensor().detach()),
-            ForwardMode::Train { .. } => (cur, cur.a.as_tensor().clone(), cur.b.as_tensor().clone()),
+            ForwardMode::Train { .. } => {
+                (cur, cur.a.as_tensor().clone(), cur.b.as_tensor().clone())
+            }
         });
         if let (Some((cur, a, b)), None) = (&current, train_base) {
             if crate::device::use_fused(x) && a.dtype() == x.dtype() {

@@ -291,8 +291,12 @@ impl AdapterSites {
                     ),
                 });
             }
-            let a = a.to_device(w.device())?.to_dtype(crate::device::adapter_dtype(w.dtype()))?;
-            let b = b.to_device(w.device())?.to_dtype(crate::device::adapter_dtype(w.dtype()))?;
+            let a = a
+                .to_device(w.device())?
+                .to_dtype(crate::device::adapter_dtype(w.dtype()))?;
+            let b = b
+                .to_device(w.device())?
+                .to_dtype(crate::device::adapter_dtype(w.dtype()))?;
             out.push((i, a, b));
         }
         Ok(out)

@@ -96,7 +96,11 @@ fn run(site: &AdapterSite, device: &Device, base_dtype: DType) -> Vec<Tensor> {
         dropout_seed: Some(42),
     };
     let y = site.forward(x.as_tensor(), mode).unwrap();
-    assert_eq!(y.dtype(), base_dtype, "the layer's output keeps the base dtype");
+    assert_eq!(
+        y.dtype(),
+        base_dtype,
+        "the layer's output keeps the base dtype"
+    );
     let probe = randn(&[3, 7, OUT], 6)
         .to_dtype(base_dtype)
         .unwrap()

@@ -61,7 +61,8 @@ pub struct BenchArgs {
     #[command(flatten)]
     pub device: crate::device::DeviceArgs,
     /// A randomly initialised model of a paper's shapes instead of --model:
-    /// llama-7b (LLaMA-2-7B: hidden 4096, MLP 11008, 32 heads, vocab 32000).
+    /// llama-7b (LLaMA-2-7B: hidden 4096, MLP 11008, 32 heads, vocab 32000)
+    /// or smollm2-135m (SmolLM2-135M's shapes, no model file needed).
     #[arg(long, conflicts_with = "model")]
     pub random_shape: Option<String>,
     /// With --random-shape: keep this many decoder layers (default: all).
@@ -77,9 +78,15 @@ fn random_shape_config(name: &str, layers: Option<usize>) -> Result<LlamaConfig>
             "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
             "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 4096,
         }),
+        "smollm2-135m" => serde_json::json!({
+            "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+            "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+            "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "max_position_embeddings": 8192,
+            "tie_word_embeddings": true,
+        }),
         other => bail!(
-            "--random-shape {other}: known shapes are llama-7b (T5-large's is measured on the \
-             PyTorch side only: bench/pytorch_shapes.py)"
+            "--random-shape {other}: known shapes are llama-7b and smollm2-135m (T5-large's \
+             is measured on the PyTorch side only: bench/pytorch_shapes.py)"
         ),
     };
     let mut cfg: LlamaConfig = serde_json::from_value(json)?;
@@ -304,7 +311,10 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         ("threads".to_string(), serde_json::json!(threads)),
         ("batch".to_string(), serde_json::json!(b)),
         ("seq".to_string(), serde_json::json!(s)),
-        ("dtype".to_string(), serde_json::json!(format!("{dtype:?}").to_lowercase())),
+        (
+            "dtype".to_string(),
+            serde_json::json!(format!("{dtype:?}").to_lowercase()),
+        ),
         row("load_s", load_secs),
         row("train_tokens_per_s", tokens / t_train),
         row("train_nlora_tokens_per_s", tokens / t_nlora),

@@ -18,7 +18,8 @@ impl DeviceArgs {
     /// The opened device and the base dtype, or one clear message.
     pub fn open(&self) -> Result<(Device, DType)> {
         let spec: DeviceSpec = self.device.parse().map_err(anyhow::Error::msg)?;
-        let dtype = nlora_adapter::device::parse_base_dtype(&self.dtype).map_err(anyhow::Error::msg)?;
+        let dtype =
+            nlora_adapter::device::parse_base_dtype(&self.dtype).map_err(anyhow::Error::msg)?;
         Ok((spec.open().map_err(anyhow::Error::msg)?, dtype))
     }
 }

@@ -171,7 +171,10 @@ fn apply_flags(mut cfg: RunConfig, args: &RunArgs) -> Result<RunConfig> {
         cfg.seed = s;
     }
     if let Some(d) = &args.device {
-        cfg.model.device = d.parse::<nlora_adapter::DeviceSpec>().map_err(anyhow::Error::msg)?.to_string();
+        cfg.model.device = d
+            .parse::<nlora_adapter::DeviceSpec>()
+            .map_err(anyhow::Error::msg)?
+            .to_string();
     }
     if let Some(d) = &args.dtype {
         nlora_adapter::device::parse_base_dtype(d).map_err(anyhow::Error::msg)?;
@@ -221,7 +224,10 @@ pub fn run(args: RunArgs, verbose: u8) -> Result<()> {
         check_resume_config(&args, &saved)?;
         let mut cfg = saved;
         if let Some(d) = &args.device {
-            cfg.model.device = d.parse::<nlora_adapter::DeviceSpec>().map_err(anyhow::Error::msg)?.to_string();
+            cfg.model.device = d
+                .parse::<nlora_adapter::DeviceSpec>()
+                .map_err(anyhow::Error::msg)?
+                .to_string();
         }
         cfg
     } else {

@@ -277,3 +277,73 @@ fn a_baseline_over_a_lora_adapter_saves_one_per_task() {
         .keys()
         .all(|k| k.ends_with(".lora_A") || k.ends_with(".lora_B")));
 }
+
+/// Task 1's trained adapter tensors of a run directory, by PEFT key.
+fn task1_adapter(out: &Path) -> std::collections::HashMap<String, candle_core::Tensor> {
+    let file = out.join("task-1-dbpedia/adapter_model.safetensors");
+    candle_core::safetensors::load(&file, &candle_core::Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+}
+
+/// Largest relative L2 difference between two runs' task-1 adapters.
+fn adapter_difference(a: &Path, b: &Path) -> f64 {
+    let (a, b) = (task1_adapter(a), task1_adapter(b));
+    assert_eq!(a.len(), b.len());
+    let norm = |t: &candle_core::Tensor| {
+        t.to_dtype(candle_core::DType::F64)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+            .sqrt()
+    };
+    a.iter()
+        .map(|(k, x)| norm(&(x - &b[k]).unwrap()) / norm(x).max(1e-30))
+        .fold(0.0, f64::max)
+}
+
+/// The composed ops (the CUDA path) train the same adapters as the fused CPU ops.
+#[test]
+fn composed_ops_train_the_same_adapters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    write_tiny_llama(&model, 1).unwrap();
+    let fused = tmp.path().join("fused");
+    let composed = tmp.path().join("composed");
+    let r1 = run_once(&model, &fused, MethodName::NLora);
+    let r2 = nlora_adapter::with_composed_ops(|| run_once(&model, &composed, MethodName::NLora));
+    assert_eq!(r1.tasks, r2.tasks);
+    let d = adapter_difference(&fused, &composed);
+    eprintln!("composed vs fused run: task-1 adapters differ by {d:.1e} (relative L2)");
+    assert!(d < 1e-3, "task-1 adapters differ by {d:e}");
+}
+
+#[test]
+fn cuda_run_trains_the_same_adapters_as_the_cpu_run() {
+    if nlora_adapter::device::cuda_device().is_none() {
+        eprintln!("skipped: no CUDA device (build with --features cuda on a machine with a GPU)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    write_tiny_llama(&model, 1).unwrap();
+    let cpu = tmp.path().join("cpu");
+    let gpu = tmp.path().join("gpu");
+    run_once(&model, &cpu, MethodName::NLora);
+    let mut cfg = tiny_config(&model, MethodName::NLora);
+    cfg.model.device = "cuda".into();
+    let opts = RunOptions {
+        out: gpu.clone(),
+        resume: false,
+        progress: false,
+    };
+    run(cfg, &data_dir(), &opts).unwrap();
+    let saved = RunConfig::from_toml_file(&gpu.join("config.toml")).unwrap();
+    assert_eq!(saved.model.device, "cuda", "the run dir records the device");
+    let d = adapter_difference(&cpu, &gpu);
+    eprintln!("cuda vs cpu run: task-1 adapters differ by {d:.1e} (relative L2)");
+    assert!(d < 1e-2, "task-1 adapters differ by {d:e}");
+}
