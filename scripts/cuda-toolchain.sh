@@ -70,6 +70,10 @@ make_stub cublas libcublas.so.13 libcublas.so
 make_stub cublaslt libcublasLt.so.13 libcublasLt.so
 make_stub curand libcurand.so.10 libcurand.so
 make_stub nvrtc libnvrtc.so.13 libnvrtc.so
+# candle-kernels links the CUDA runtime as -lcudart: the runtime wheel ships
+# only libcudart.so.13 (no development symlink), so give the linker one.
+[ -e "$cuda_root/lib/libcudart.so.13" ] || die "libcudart.so.13 missing from $cuda_root/lib (nvidia-cuda-runtime wheel)"
+ln -sf libcudart.so.13 "$cuda_root/lib/libcudart.so"
 log "nvcc $("$cuda_root/bin/nvcc" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'), headers and link stubs in $cuda_root"
 
 cat <<EOF

@@ -19,6 +19,14 @@
 #   scripts/gpu-check.sh [BUNDLE]            (default BUNDLE=gpu-bundle; results under $OUT)
 #   scripts/gpu-check.sh --dry-run [BUNDLE]  (on the CPU, tiny shapes: checks the script itself)
 #
+# Size: the device tool carries at most 64 MiB of working tree. Measured
+# here (2026-11-29): the stripped CUDA `nlora` is 68 MB, 9 MB with `xz -6`;
+# the SmolLM2 GGUF is 98 MB and does not fit. So: `xz -T2` every binary of
+# the bundle (this script unpacks *.xz first), and give the e2e test the
+# tokenizer some other way (e.g. a tokenizer-only GGUF written by the
+# generator in scripts/, or a tokenizer.json read by NLORA_MODEL's folder
+# form) before the GPU session; the bench needs no GGUF (random shapes).
+#
 # Steps, all within ~8 minutes: (1) nvidia-smi; (2) the CUDA twins of the
 # parity tests (adapter layer, LLaMA vs transformers fixtures) and the e2e
 # tiny run; (3) nlora bench and PyTorch at SmolLM2-135M's, LLaMA-7B's and
@@ -63,6 +71,11 @@ OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
 python=${PYTHON:-python3}
 
+# Binaries travel xz-compressed (see Size above).
+for z in "$bundle"/*.xz "$bundle"/tests/*.xz; do
+    [ -e "$z" ] || continue
+    xz -d -f "$z" && chmod +x "${z%.xz}"
+done
 [ -x "$bundle/nlora" ] || die "$bundle/nlora is missing: build it (see the top of this script) and put it in $bundle/"
 if [ $dry = 0 ]; then
     command -v nvidia-smi >/dev/null || die "nvidia-smi not found: this machine has no NVIDIA driver"
