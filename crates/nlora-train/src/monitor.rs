@@ -57,13 +57,13 @@ struct SiteWatch {
     sampled: SampledMonitor,
     /// Largest |dW| of the earlier tasks' updates at this site.
     previous_max: f64,
-    samples: usize,
-    size: usize,
 }
 
 /// The monitor of one stage (and the controller, carried between stages).
 pub struct StageMonitor {
     watches: Vec<SiteWatch>,
+    /// The readings' error bound: fixed by the sample sizes.
+    half_width_95: f64,
     tau_rel: f64,
     every: usize,
     auto_every: usize,
@@ -99,6 +99,7 @@ impl StageMonitor {
             return Ok(None);
         }
         let mut watches = Vec::new();
+        let (mut samples, mut sizes) = (Vec::new(), Vec::new());
         for (k, (path, site)) in sites.adapted().enumerate() {
             if site.current().is_none() {
                 continue;
@@ -116,13 +117,12 @@ impl StageMonitor {
                 previous_max = previous_max.max(max_abs(&h.delta_weight()?)?);
                 previous.push((to_matrix(&h.a)?, to_matrix(&h.b)?, h.scale));
             }
-            let samples = positions.len();
+            samples.push(positions.len());
+            sizes.push(out * inp);
             watches.push(SiteWatch {
                 path: path.to_string(),
                 sampled: SampledMonitor::new(positions, &previous)?,
                 previous_max,
-                samples,
-                size: out * inp,
             });
         }
         if watches.is_empty() {
@@ -130,6 +130,7 @@ impl StageMonitor {
         }
         Ok(Some(Self {
             watches,
+            half_width_95: hoeffding_half_width_mean(&samples, &sizes, 0.05),
             tau_rel: cfg.monitor.tau_rel,
             every: cfg.monitor.every,
             auto_every,
@@ -171,15 +172,13 @@ impl StageMonitor {
             }
         }
         let n = self.watches.len() as f64;
-        let samples: Vec<usize> = self.watches.iter().map(|w| w.samples).collect();
-        let sizes: Vec<usize> = self.watches.iter().map(|w| w.size).collect();
         let density = density / n;
         let lambda = self.controller.as_mut().map(|c| c.update(density));
         let record = MonitorRecord {
             step,
             density,
             collision_rate: (cr_sites > 0).then(|| cr_sum / cr_sites as f64),
-            half_width_95: hoeffding_half_width_mean(&samples, &sizes, 0.05),
+            half_width_95: self.half_width_95,
             lambda,
         };
         self.records.push(record);

@@ -6,34 +6,20 @@
 //! at all, the RMS norms absorb lora_B ~ 2e30 and every value stays finite.)
 use std::path::Path;
 
-use nlora_train::config::{MethodName, MethodSection, OnNonFinite, PerTask, RunConfig};
+use nlora_train::config::{MethodName, OnNonFinite, PerTask, RunConfig};
 use nlora_train::engine::{run, RunOptions};
-use nlora_train::testing::{data_dir, write_tiny_llama};
+use nlora_train::testing::{data_dir, tiny_run_config, write_tiny_llama};
 use nlora_train::TrainError;
 
 fn config(model: &Path, on_nonfinite: OnNonFinite) -> RunConfig {
-    let mut cfg = RunConfig {
-        seed: 5,
-        model: Default::default(),
-        data: Default::default(),
-        method: MethodSection::new(MethodName::NLora),
-        train: Default::default(),
-        eval: Default::default(),
-        monitor: Default::default(),
-    };
-    cfg.model.path = Some(model.to_path_buf());
-    cfg.model.r = 4;
-    cfg.model.alpha = 8.0;
-    cfg.data.order = None;
+    // The tiny end-to-end run on two tasks, at an absurd learning rate.
+    let mut cfg = tiny_run_config(model, MethodName::NLora);
+    cfg.seed = 5;
     cfg.data.tasks = Some(vec!["dbpedia".into(), "CB".into()]);
-    cfg.data.max_train_per_task = Some(6);
     cfg.data.max_test_per_task = Some(2);
-    cfg.data.max_source_len = 96;
-    cfg.method.lambda = Some(PerTask::One(1e-3));
     cfg.train.batch_size = 2;
     cfg.train.lr = PerTask::One(1e20);
     cfg.train.on_nonfinite = on_nonfinite;
-    cfg.eval.batch_size = 4;
     cfg.eval.rank_classification = false;
     cfg
 }

@@ -10,38 +10,23 @@
 //! One test in its own binary: it sets the process-wide fault variable.
 use std::path::Path;
 
-use nlora_train::config::{HistoryMode, MethodName, MethodSection, PerTask, RunConfig};
+use nlora_train::config::{HistoryMode, MethodName, PerTask, RunConfig};
 use nlora_train::engine::{run, RunOptions};
 use nlora_train::fault::NAN_ENV;
-use nlora_train::testing::{data_dir, write_tiny_llama};
+use nlora_train::testing::{data_dir, tiny_run_config, write_tiny_llama};
 use nlora_train::TrainError;
 
 fn config(model: &Path, method: MethodName, history: HistoryMode) -> RunConfig {
-    let mut cfg = RunConfig {
-        seed: 17,
-        model: Default::default(),
-        data: Default::default(),
-        method: MethodSection::new(method),
-        train: Default::default(),
-        eval: Default::default(),
-        monitor: Default::default(),
-    };
-    cfg.model.path = Some(model.to_path_buf());
-    cfg.model.r = 4;
-    cfg.model.alpha = 8.0;
-    cfg.data.order = None;
-    cfg.data.tasks = Some(vec!["dbpedia".into(), "amazon".into(), "CB".into()]);
-    cfg.data.max_train_per_task = Some(6);
+    // The tiny end-to-end run, with two epochs, accumulation and a
+    // checkpoint after every step.
+    let mut cfg = tiny_run_config(model, method);
+    cfg.seed = 17;
     cfg.data.max_test_per_task = Some(2);
-    cfg.data.max_source_len = 96;
-    cfg.method.lambda = Some(PerTask::One(1e-3));
     cfg.method.history = history;
     cfg.train.batch_size = 2;
     cfg.train.epochs = PerTask::One(2);
-    cfg.train.lr = PerTask::One(5e-3);
     cfg.train.grad_accum = 2;
     cfg.train.checkpoint_every = 1;
-    cfg.eval.batch_size = 4;
     cfg.eval.rank_classification = false;
     cfg
 }
