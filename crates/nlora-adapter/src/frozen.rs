@@ -64,6 +64,7 @@ impl CustomOp2 for FrozenMatmulT {
         w: &CpuStorage,
         w_l: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _p = crate::profile::scope("frozen linear (fwd)");
         Self::fwd(x, x_l, w, w_l)
     }
 
@@ -94,6 +95,7 @@ impl CustomOp2 for FrozenMatmulT {
         _y: &Tensor,
         grad_y: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _p = crate::profile::scope("frozen linear (bwd)");
         let out_f = w.dim(0)?;
         let m = grad_y.elem_count() / out_f.max(1);
         let grad_x = grad_y

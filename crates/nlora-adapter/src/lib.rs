@@ -11,8 +11,10 @@ pub mod config;
 pub mod device;
 pub mod error;
 pub mod frozen;
+pub mod kernels;
 mod lora_op;
 pub mod peft;
+pub mod profile;
 pub mod site;
 pub mod sites;
 

@@ -100,6 +100,7 @@ impl CustomOp3 for LoraLinear {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _p = crate::profile::scope("lora linear (fwd)");
         if !matches!(xs.dtype(), DType::F32 | DType::F64) {
             candle_core::bail!("lora linear: dtype {:?} (f32, f64 only)", xs.dtype());
         }
@@ -163,6 +164,7 @@ impl CustomOp3 for LoraLinear {
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _p = crate::profile::scope("lora linear (bwd)");
         let (out_f, in_f) = self.weight.dims2()?;
         let m = grad.elem_count() / out_f;
         let (a, b) = (a.detach(), b.detach());

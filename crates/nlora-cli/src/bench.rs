@@ -19,7 +19,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use clap::Args;
-use nlora_adapter::{ForwardMode, LoraConfig};
+use nlora_adapter::{profile, ForwardMode, LoraConfig};
 use nlora_math::penalty::{nlora_l1, NLoraForm, Site};
 use nlora_model::llama::{Llama, LlamaConfig};
 use nlora_model::{load_model_as, GenerateOptions, LanguageModel, LmBatch};
@@ -68,6 +68,10 @@ pub struct BenchArgs {
     /// With --random-shape: keep this many decoder layers (default: all).
     #[arg(long, requires = "random_shape")]
     pub layers: Option<usize>,
+    /// Also print where the wall time of (b) and (c) goes, op by op (self
+    /// time per step; "rest" rows are candle's own ops and graph work).
+    #[arg(long)]
+    pub profile: bool,
 }
 
 /// The config of a named paper shape.
@@ -241,8 +245,12 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         let mode = ForwardMode::Train {
             dropout_seed: Some(step),
         };
-        let mut loss = model.loss(&batch, mode)?;
+        let mut loss = {
+            let _p = profile::scope("forward: rest (candle ops)");
+            model.loss(&batch, mode)?
+        };
         if penalty {
+            let _p = profile::scope("N-LoRA l1 (fwd)");
             // As the engine's N-LoRA (nlora-train method/inclora.rs): l1 of each site's dW.
             let sites = model.adapter_sites();
             let view: Vec<Site<'_>> = sites
@@ -254,21 +262,40 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                 .collect();
             loss = (loss + nlora_l1(&view, args.lambda, NLoraForm::Update { scale: 1.0 })?)?;
         }
-        let grads = loss.backward()?;
+        let grads = {
+            let _p = profile::scope("backward: rest (graph, candle ops)");
+            loss.backward()?
+        };
+        let _p = profile::scope("AdamW");
         opt.step(&grads)?;
         sync()
     };
     let tokens = (b * s) as f64;
     let t_train = timed(args.warmup, args.steps, || train_step(false))?;
-    let t_nlora = timed(args.warmup, args.steps, || train_step(true))?;
+    let t_nlora = if args.profile {
+        timed(args.warmup, 0, || train_step(true))?;
+        profile::enable(true);
+        let t = timed(0, args.steps, || train_step(true))?;
+        profile::enable(false);
+        t
+    } else {
+        timed(args.warmup, args.steps, || train_step(true))?
+    };
+    let train_profile = profile::take();
     let train_rss = peak_rss_mib();
 
     // (c) inference forward, logits at every position
-    let t_fwd = timed(args.warmup, args.steps, || {
+    let mut forward = || {
+        let _p = profile::scope("forward: rest (candle ops)");
         let logits = model.forward_logits(&batch, ForwardMode::Inference)?;
         std::hint::black_box(logits);
         sync()
-    })?;
+    };
+    timed(args.warmup, 0, &mut forward)?;
+    profile::enable(args.profile);
+    let t_fwd = timed(0, args.steps, &mut forward)?;
+    profile::enable(false);
+    let forward_profile = profile::take();
 
     // (d) greedy generation, no EOS: every row gets gen_tokens new tokens
     let prompt_ids = random_ids(b * args.gen_prompt, cfg.vocab_size, 2);
@@ -337,6 +364,15 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     if let Some(r) = peak_rss_mib() {
         out.insert("peak_rss_mib".into(), serde_json::json!(r));
     }
+    if args.profile {
+        out.insert(
+            "profile".into(),
+            serde_json::json!({
+                "train_nlora_step": profile_json(&train_profile, args.steps, t_nlora),
+                "forward": profile_json(&forward_profile, args.steps, t_fwd),
+            }),
+        );
+    }
     if args.json {
         println!("{}", serde_json::Value::Object(out));
         return Ok(());
@@ -375,5 +411,44 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     ] {
         println!("  {label:30} {:>10.1} {unit}", get(key));
     }
+    if args.profile {
+        for (title, rows, t) in [
+            ("(b) training step + N-LoRA l1", &train_profile, t_nlora),
+            ("(c) inference forward", &forward_profile, t_fwd),
+        ] {
+            println!(
+                "\nwhere the wall time of {title} goes ({:.0} ms per step):",
+                t * 1e3
+            );
+            println!("  {:42} {:>9} {:>7} {:>6}", "op", "ms/step", "calls", "%");
+            for r in rows {
+                let per = r.seconds / args.steps as f64;
+                println!(
+                    "  {:42} {:>9.1} {:>7} {:>6.1}",
+                    r.name,
+                    per * 1e3,
+                    r.calls / args.steps as u64,
+                    per / t * 100.0
+                );
+            }
+        }
+    }
     Ok(())
+}
+
+/// Per-step rows of a profile table, with each op's share of the step.
+fn profile_json(rows: &[profile::OpTime], steps: usize, step_s: f64) -> serde_json::Value {
+    let steps = steps.max(1) as f64;
+    serde_json::Value::Array(
+        rows.iter()
+            .map(|r| {
+                serde_json::json!({
+                    "op": r.name,
+                    "ms_per_step": r.seconds / steps * 1e3,
+                    "calls_per_step": r.calls as f64 / steps,
+                    "pct_of_step": r.seconds / steps / step_s * 100.0,
+                })
+            })
+            .collect(),
+    )
 }

@@ -34,16 +34,24 @@ trait Real: WithDType {
 }
 
 macro_rules! real {
-    ($t:ty) => {
+    ($t:ty, $exp:expr) => {
         impl Real for $t {
+            #[inline(always)]
             fn exp(self) -> Self {
-                <$t>::exp(self)
+                $exp(self)
             }
             fn ln(self) -> Self {
                 <$t>::ln(self)
             }
+            /// The larger of the two; `other` when either is NaN (a plain
+            /// compare-and-select vectorises, `max`'s NaN rule does not).
+            #[inline(always)]
             fn larger(self, other: Self) -> Self {
-                <$t>::max(self, other)
+                if self > other {
+                    self
+                } else {
+                    other
+                }
             }
             const NEG_INFINITY: Self = <$t>::NEG_INFINITY;
             const ZERO: Self = 0.0;
@@ -51,8 +59,110 @@ macro_rules! real {
         }
     };
 }
-real!(f32);
-real!(f64);
+// f32: the vectorisable exp (2 ulp); f64 (tests, references): libm's.
+real!(f32, nlora_adapter::kernels::exp_f32);
+real!(f64, f64::exp);
+
+/// Max and sum over a slice in 8 independent lanes, so the loops vectorise
+/// (a single running float accumulator is a serial dependency chain).
+#[inline(always)]
+fn lane_max<T: Real>(x: &[T]) -> T {
+    let mut acc = [T::NEG_INFINITY; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = a.larger(v);
+        }
+    }
+    rest.iter()
+        .chain(&acc)
+        .fold(T::NEG_INFINITY, |m, &v| m.larger(v))
+}
+
+#[inline(always)]
+fn lane_sum<T: Real>(x: &[T]) -> T {
+    let mut acc = [T::ZERO; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    rest.iter().chain(&acc).fold(T::ZERO, |s, &v| s + v)
+}
+
+/// `row <- exp(row - max(row))`, returning the sum of the new row.
+#[inline(always)]
+fn exp_shifted<T: Real>(row: &mut [T]) -> (T, T) {
+    let max = lane_max(row);
+    row.iter_mut().for_each(|v| *v = (*v - max).exp());
+    (max, lane_sum(row))
+}
+
+// The row kernels below are `inline(always)` so that each is compiled into
+// `with_simd`'s AVX2 + FMA function (a closure body big enough not to be
+// inlined stays baseline SSE2 code).
+
+nlora_adapter::simd_fn! {
+    /// Rows of `softmax(scale * x + m)`, `t` entries each.
+    fn softmax_rows<T: Real>(o: &mut [T], x: &[T], m: &[T], t: usize, scale: T) {
+        for ((o, x), m) in o.chunks_mut(t).zip(x.chunks(t)).zip(m.chunks(t)) {
+            for ((o, &x), &m) in o.iter_mut().zip(x).zip(m) {
+                *o = x * scale + m;
+            }
+            let (_, sum) = exp_shifted(o);
+            let inv = T::ONE / sum;
+            o.iter_mut().for_each(|o| *o *= inv);
+        }
+    }
+}
+
+nlora_adapter::simd_fn! {
+    /// Rows of the softmax's input gradient `scale * p * (g - sum(g * p))`.
+    fn softmax_grad_rows<T: Real>(o: &mut [T], g: &[T], p: &[T], t: usize, scale: T) {
+        for ((o, g), p) in o.chunks_mut(t).zip(g.chunks(t)).zip(p.chunks(t)) {
+            for ((o, &g), &p) in o.iter_mut().zip(g).zip(p) {
+                *o = g * p;
+            }
+            let dot = lane_sum(o);
+            for ((o, &g), &p) in o.iter_mut().zip(g).zip(p) {
+                *o = scale * p * (g - dot);
+            }
+        }
+    }
+}
+
+nlora_adapter::simd_fn! {
+    /// `o[i] = f(a[i], b[i], c[i])`.
+    fn map3<T: Real>(o: &mut [T], abc: [&[T]; 3], f: &(impl Fn(T, T, T) -> T + Sync)) {
+        let [a, b, c] = abc;
+        for (((o, &a), &b), &c) in o.iter_mut().zip(a).zip(b).zip(c) {
+            *o = f(a, b, c);
+        }
+    }
+}
+
+nlora_adapter::simd_fn! {
+    /// Turns a row of logits into `softmax - onehot(target)` in place and
+    /// returns the row's cross-entropy `-log softmax[target]`.
+    fn softmax_minus_onehot<T: Real>(row: &mut [T], target: usize) -> T {
+        let logit = row[target];
+        let (max, sum) = exp_shifted(row);
+        let inv = T::ONE / sum;
+        row.iter_mut().for_each(|v| *v *= inv);
+        row[target] -= T::ONE;
+        sum.ln() + max - logit
+    }
+}
+
+/// `e^x` through [`Real`] (inside `float_dispatch!`, where `T` is a concrete
+/// type, a method call `x.exp()` would pick libm's inherent `exp`).
+#[inline(always)]
+fn exp<T: Real>(x: T) -> T {
+    Real::exp(x)
+}
 
 /// The contiguous slice a layout covers.
 fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
@@ -113,6 +223,7 @@ impl CustomOp2 for MaskedSoftmax {
         ms: &CpuStorage,
         ml: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _p = nlora_adapter::profile::scope("masked softmax (fwd)");
         let (b, h, s, t) = xl.shape().dims4()?;
         float_dispatch!(xs.dtype(), self.name(), |T| {
             let x = contiguous::<T>(xs, xl, self.name())?;
@@ -125,20 +236,7 @@ impl CustomOp2 for MaskedSoftmax {
                 .enumerate()
                 .for_each(|(bh, (o, x))| {
                     let m = &mask[(bh / h) * s * t..(bh / h + 1) * s * t];
-                    for ((o, x), m) in o.chunks_mut(t).zip(x.chunks(t)).zip(m.chunks(t)) {
-                        let mut max = T::NEG_INFINITY;
-                        for ((o, &x), &m) in o.iter_mut().zip(x).zip(m) {
-                            *o = x * scale + m;
-                            max = max.larger(*o);
-                        }
-                        let mut sum = T::ZERO;
-                        for o in o.iter_mut() {
-                            *o = (*o - max).exp();
-                            sum += *o;
-                        }
-                        let inv = T::ONE / sum;
-                        o.iter_mut().for_each(|o| *o *= inv);
-                    }
+                    softmax_rows::<T>(o, x, m, t, scale)
                 });
             let _ = b;
             Ok((T::to_cpu_storage_owned(out), xl.shape().clone()))
@@ -152,6 +250,7 @@ impl CustomOp2 for MaskedSoftmax {
         probs: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _p = nlora_adapter::profile::scope("masked softmax (bwd)");
         let g = grad
             .contiguous()?
             .apply_op2_no_bwd(probs, &SoftmaxBackward { scale: self.scale })?;
@@ -176,6 +275,7 @@ impl CustomOp2 for SoftmaxBackward {
         ps: &CpuStorage,
         pl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _p = nlora_adapter::profile::scope("softmax backward");
         let t = *gl.dims().last().unwrap_or(&1);
         float_dispatch!(gs.dtype(), self.name(), |T| {
             let g = contiguous::<T>(gs, gl, self.name())?;
@@ -185,17 +285,7 @@ impl CustomOp2 for SoftmaxBackward {
             let rows_per_task = (4096 / t.max(1)).max(1) * t;
             out.par_chunks_mut(rows_per_task)
                 .zip(g.par_chunks(rows_per_task).zip(p.par_chunks(rows_per_task)))
-                .for_each(|(o, (g, p))| {
-                    for ((o, g), p) in o.chunks_mut(t).zip(g.chunks(t)).zip(p.chunks(t)) {
-                        let mut dot = T::ZERO;
-                        for (&g, &p) in g.iter().zip(p) {
-                            dot += g * p;
-                        }
-                        for ((o, &g), &p) in o.iter_mut().zip(g).zip(p) {
-                            *o = scale * p * (g - dot);
-                        }
-                    }
-                });
+                .for_each(|(o, (g, p))| softmax_grad_rows::<T>(o, g, p, t, scale));
             Ok((T::to_cpu_storage_owned(out), gl.shape().clone()))
         })
     }
@@ -314,6 +404,7 @@ impl candle_core::CustomOp3 for Attention {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _p = nlora_adapter::profile::scope("attention (fwd)");
         self.out.take(self.name())
     }
 
@@ -325,6 +416,7 @@ impl candle_core::CustomOp3 for Attention {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _p = nlora_adapter::profile::scope("attention (bwd)");
         let (q, k, v) = (q.detach(), k.detach(), v.detach());
         let (probs, [b, nh, nkv, s, _, hd]) = attention_probs(&q, &k, &self.mask, self.scale)?;
         let n_rep = nh / nkv;
@@ -433,6 +525,7 @@ impl CustomOp1 for Rope {
     }
 
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _p = nlora_adapter::profile::scope("rope (fwd)");
         let (b, a1, a2, d) = l.shape().dims4()?;
         float_dispatch!(st.dtype(), self.name(), |T| {
             let x = contiguous::<T>(st, l, self.name())?;
@@ -448,6 +541,7 @@ impl CustomOp1 for Rope {
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let _p = nlora_adapter::profile::scope("rope (bwd)");
         let adjoint = Rope {
             cos: self.cos.clone(),
             sin: self.sin.clone(),
@@ -493,6 +587,7 @@ impl CustomOp2 for RmsNorm {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _p = nlora_adapter::profile::scope("rms norm (fwd)");
         let d = *xl.dims().last().unwrap_or(&1);
         float_dispatch!(xs.dtype(), self.name(), |T| {
             let x = contiguous::<T>(xs, xl, self.name())?;
@@ -524,6 +619,7 @@ impl CustomOp2 for RmsNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _p = nlora_adapter::profile::scope("rms norm (bwd)");
         let gx = x.apply_op2_no_bwd(
             &Tensor::cat(&[&grad.contiguous()?.flatten_all()?, w], 0)?,
             &RmsNormBackward {
@@ -554,6 +650,7 @@ impl CustomOp2 for RmsNormBackward {
         gws: &CpuStorage,
         gwl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _p = nlora_adapter::profile::scope("rms norm backward");
         let d = self.d;
         float_dispatch!(xs.dtype(), self.name(), |T| {
             let x = contiguous::<T>(xs, xl, self.name())?;
@@ -601,18 +698,16 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 struct Swiglu;
 
 /// Elementwise over equally long slices, in parallel blocks.
+#[inline(always)]
 fn zip_map<T: Real>(inputs: [&[T]; 3], f: impl Fn(T, T, T) -> T + Sync) -> Vec<T> {
     let [a, b, c] = inputs;
     let mut out = vec![T::ZERO; a.len()];
     const BLOCK: usize = 16 * 1024;
+    let f = &f;
     out.par_chunks_mut(BLOCK)
         .zip(a.par_chunks(BLOCK))
         .zip(b.par_chunks(BLOCK).zip(c.par_chunks(BLOCK)))
-        .for_each(|((o, a), (b, c))| {
-            for (((o, &a), &b), &c) in o.iter_mut().zip(a).zip(b).zip(c) {
-                *o = f(a, b, c);
-            }
-        });
+        .for_each(|((o, a), (b, c))| map3::<T>(o, [a, b, c], f));
     out
 }
 
@@ -628,10 +723,11 @@ impl CustomOp2 for Swiglu {
         us: &CpuStorage,
         ul: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _p = nlora_adapter::profile::scope("swiglu (fwd)");
         float_dispatch!(gs.dtype(), self.name(), |T| {
             let g = contiguous::<T>(gs, gl, self.name())?;
             let u = contiguous::<T>(us, ul, self.name())?;
-            let out = zip_map::<T>([g, u, u], |g, u, _| g / (1.0 + (-g).exp()) * u);
+            let out = zip_map::<T>([g, u, u], |g, u, _| g / (1.0 + exp(-g)) * u);
             Ok((T::to_cpu_storage_owned(out), gl.shape().clone()))
         })
     }
@@ -643,6 +739,7 @@ impl CustomOp2 for Swiglu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _p = nlora_adapter::profile::scope("swiglu (bwd)");
         let grad = grad.contiguous()?;
         let d_gate = grad.apply_op3_no_bwd(gate, up, &SwigluBackward { for_gate: true })?;
         let d_up = grad.apply_op3_no_bwd(gate, up, &SwigluBackward { for_gate: false })?;
@@ -694,6 +791,7 @@ impl CustomOp2 for SwigluLinear {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _p = nlora_adapter::profile::scope("swiglu + down_proj (fwd)");
         self.out.take(self.name())
     }
 
@@ -704,6 +802,7 @@ impl CustomOp2 for SwigluLinear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _p = nlora_adapter::profile::scope("swiglu + down_proj (bwd)");
         let out_f = self.w.dim(0)?;
         let m = grad.elem_count() / out_f;
         let d_h = grad
@@ -737,17 +836,18 @@ impl candle_core::CustomOp3 for SwigluBackward {
         us: &CpuStorage,
         ul: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _p = nlora_adapter::profile::scope("swiglu backward");
         float_dispatch!(ds.dtype(), self.name(), |T| {
             let d = contiguous::<T>(ds, dl, self.name())?;
             let g = contiguous::<T>(gs, gl, self.name())?;
             let u = contiguous::<T>(us, ul, self.name())?;
             let out = if self.for_gate {
                 zip_map::<T>([d, g, u], |d, g, u| {
-                    let s = T::ONE / (T::ONE + (-g).exp());
+                    let s = T::ONE / (T::ONE + exp(-g));
                     d * u * s * (T::ONE + g * (T::ONE - s))
                 })
             } else {
-                zip_map::<T>([d, g, u], |d, g, _| d * g / (T::ONE + (-g).exp()))
+                zip_map::<T>([d, g, u], |d, g, _| d * g / (T::ONE + exp(-g)))
             };
             Ok((T::to_cpu_storage_owned(out), dl.shape().clone()))
         })
@@ -829,19 +929,7 @@ impl LinearCrossEntropy {
             p.par_chunks_mut(vocab)
                 .zip(losses[start..end].par_iter_mut())
                 .zip(targets.par_iter())
-                .for_each(|((row, loss), &t)| {
-                    let max = row.iter().fold(T::NEG_INFINITY, |m, &v| m.larger(v));
-                    let target = row[t as usize];
-                    let mut sum = T::ZERO;
-                    for v in row.iter_mut() {
-                        *v = (*v - max).exp();
-                        sum += *v;
-                    }
-                    *loss = sum.ln() + max - target;
-                    let inv = T::ONE / sum;
-                    row.iter_mut().for_each(|v| *v *= inv);
-                    row[t as usize] -= T::ONE;
-                });
+                .for_each(|((row, loss), &t)| *loss = softmax_minus_onehot::<T>(row, t as usize));
             let p = T::to_cpu_storage_owned(p);
             let p_l = Layout::contiguous((m, vocab));
             let gh = p.matmul(ws, (1, m, d, vocab), &p_l, &w_kn)?;
@@ -863,6 +951,7 @@ impl CustomOp2 for LinearCrossEntropy {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _p = nlora_adapter::profile::scope("lm_head + cross-entropy (fwd)");
         let (n, d) = hl.shape().dims2()?;
         float_dispatch!(hs.dtype(), self.name(), |T| {
             let (losses, grad_h) = self.run::<T>(hs, hl, ws, wl)?;
@@ -882,6 +971,7 @@ impl CustomOp2 for LinearCrossEntropy {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _p = nlora_adapter::profile::scope("lm_head + cross-entropy (bwd)");
         let g = self
             .grad_h
             .lock()
