@@ -22,6 +22,10 @@ enum DataCommand {
     Check(CheckArgs),
     /// Print the paper's task orders (Table 7).
     Orders,
+    /// Write a run's training batches (in training order) and evaluation
+    /// prompts as the engine builds them, with the settings another
+    /// framework needs to replay the run (bench/pytorch_run.py).
+    Export(crate::data_export::ExportArgs),
 }
 
 #[derive(Args)]
@@ -54,6 +58,7 @@ pub fn data(args: DataArgs) -> Result<()> {
             print_orders();
             Ok(())
         }
+        DataCommand::Export(args) => crate::data_export::export(args),
     }
 }
 

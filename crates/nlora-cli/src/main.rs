@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod data;
+mod data_export;
 mod device;
 mod generate;
 mod report;

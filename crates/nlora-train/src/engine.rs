@@ -378,11 +378,7 @@ pub fn run(cfg: RunConfig, data_dir: &Path, opts: &RunOptions) -> Result<Results
 
         overall.set_message(format!("evaluating after {name}"));
         let t1 = Instant::now();
-        let eval_opts = EvalOptions {
-            batch_size: cfg.eval.batch_size,
-            max_new_tokens: cfg.eval.max_new_tokens,
-            rank_classification: cfg.eval.rank_classification,
-        };
+        let eval_opts = EvalOptions::from_config(&cfg);
         let total_eval: usize = stream.tasks.iter().map(|t| t.eval.len()).sum();
         bar.set_length(total_eval as u64);
         bar.set_position(0);

@@ -21,6 +21,32 @@ pub struct EvalOptions {
     pub rank_classification: bool,
 }
 
+impl EvalOptions {
+    /// The evaluation settings of a run.
+    pub fn from_config(cfg: &crate::config::RunConfig) -> Self {
+        Self {
+            batch_size: cfg.eval.batch_size,
+            max_new_tokens: cfg.eval.max_new_tokens,
+            rank_classification: cfg.eval.rank_classification,
+        }
+    }
+}
+
+/// The greedy decoding settings of `task`'s evaluation.
+pub fn generate_options(
+    task: &StreamTask,
+    batching: &Batching<'_>,
+    opts: &EvalOptions,
+) -> GenerateOptions {
+    // Enough room for the longest label and its EOS.
+    let longest = task.label_ids.iter().map(Vec::len).max().unwrap_or(1);
+    GenerateOptions {
+        max_new_tokens: opts.max_new_tokens.unwrap_or(longest + 2),
+        eos_token_ids: vec![batching.eos()],
+        pad_token_id: batching.pad(),
+    }
+}
+
 /// Accuracy of the model on `task.eval`.
 pub fn evaluate_task(
     model: &dyn LanguageModel,
@@ -30,13 +56,7 @@ pub fn evaluate_task(
     opts: &EvalOptions,
     mut on_batch: impl FnMut(usize),
 ) -> Result<TaskAccuracy> {
-    // Enough room for the longest label and its EOS.
-    let longest = task.label_ids.iter().map(Vec::len).max().unwrap_or(1);
-    let gen = GenerateOptions {
-        max_new_tokens: opts.max_new_tokens.unwrap_or(longest + 2),
-        eos_token_ids: vec![batching.eos()],
-        pad_token_id: batching.pad(),
-    };
+    let gen = generate_options(task, batching, opts);
     let mut correct = 0usize;
     let mut rank_correct = 0usize;
     for chunk in task.eval.chunks(opts.batch_size) {

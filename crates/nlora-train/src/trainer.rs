@@ -286,6 +286,17 @@ pub fn train_stage(
                 total = (total + &p.value)?;
                 shown.push((p.name, scalar(&p.value)?));
             }
+            if counter == 0 {
+                // Full precision: the first batch's loss is the base model's
+                // (B starts at zero), which other frameworks check against.
+                let text: Vec<String> = shown.iter().map(|(n, v)| format!("{n} {v}")).collect();
+                tracing::info!(
+                    "task {} ({}) first batch: loss parts {}",
+                    stage + 1,
+                    input.task_name,
+                    text.join(", ")
+                );
+            }
             if let Some(&(part, value)) = shown.iter().find(|(_, v)| !v.is_finite()) {
                 nonfinite(format!("{part} loss"), value, stats.steps, counter)?;
                 stats.skipped_batches += 1;
@@ -431,9 +442,9 @@ fn batch_items<'a>(
     items
 }
 
-/// Every batch of a stage in training order, as [`train_stage`] builds them.
-#[cfg(test)]
-pub(crate) fn stage_batches<'a>(
+/// Every batch of a stage in training order, as [`train_stage`] builds them
+/// (`nlora data export` writes these for other frameworks to replay).
+pub fn stage_batches<'a>(
     method: &'a dyn Method,
     examples: &[&'a EncodedExample],
     batch_size: usize,
