@@ -316,3 +316,38 @@ fn bf16_model_trains_f32_adapters_close_to_f32() {
     // backward: gradients keep their direction (what the optimiser follows)
     assert!(cos > 0.99, "a bf16 gradient points elsewhere: cosine {cos}");
 }
+
+/// Prompts that share a prefix (an evaluation batch: the same instruction
+/// before every input) have it computed once for the batch; each row must
+/// still continue exactly as when generated on its own. Several suffix
+/// lengths (left padding after the prefix), one prompt that is the prefix
+/// plus a single token, and one that diverges earlier (shorter sharing).
+#[test]
+fn shared_prompt_prefix_generates_as_each_prompt_alone() {
+    let model = model_with_adapter("llama_tiny", DType::F32, &Device::Cpu);
+    let prefix: Vec<u32> = (0..20).map(|i| 3 + (i * 7) % 50).collect();
+    let with_suffix = |s: &[u32]| prefix.iter().chain(s).copied().collect::<Vec<u32>>();
+    let opts = GenerateOptions {
+        max_new_tokens: 6,
+        eos_token_ids: vec![2],
+        pad_token_id: 0,
+    };
+    for prompts in [
+        vec![
+            with_suffix(&[11, 12, 13, 14, 15]),
+            with_suffix(&[21]),
+            with_suffix(&[31, 32, 33]),
+        ],
+        vec![
+            with_suffix(&[11, 12]),
+            prefix[..12].iter().chain(&[40, 41, 42]).copied().collect(),
+        ],
+    ] {
+        let batch = model.generate(&prompts, &opts).unwrap();
+        for (p, got) in prompts.iter().zip(&batch) {
+            let alone = model.generate(std::slice::from_ref(p), &opts).unwrap();
+            assert_eq!(got, &alone[0], "prompt {p:?}");
+            assert!(!got.is_empty());
+        }
+    }
+}

@@ -113,6 +113,15 @@ impl KvCache {
             layers: vec![None; num_layers],
         }
     }
+    /// The cache of one sequence repeated for `b` rows.
+    fn repeat_rows(&mut self, b: usize) -> Result<()> {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.repeat((b, 1, 1, 1))?;
+            *v = v.repeat((b, 1, 1, 1))?;
+        }
+        Ok(())
+    }
+
     /// Number of cached positions.
     fn len(&self) -> usize {
         self.layers
@@ -618,6 +627,36 @@ fn mask_rows(attention_mask: &Tensor) -> Result<Vec<Vec<bool>>> {
         .collect())
 }
 
+/// Shortest prefix worth sharing in [`LanguageModel::generate`] (below it,
+/// the separate prefill costs more than it saves).
+const MIN_SHARED_PREFIX: usize = 8;
+
+/// Tokens all prompts start with, at most all but each prompt's last token
+/// (which must be computed in the batch to predict the first new token);
+/// 0 for a single prompt or a prefix shorter than [`MIN_SHARED_PREFIX`].
+fn shared_prefix_len(prompts: &[Vec<u32>]) -> usize {
+    let Some((first, rest)) = prompts.split_first() else {
+        return 0;
+    };
+    if rest.is_empty() {
+        return 0;
+    }
+    let mut n = prompts
+        .iter()
+        .map(Vec::len)
+        .min()
+        .unwrap_or(0)
+        .saturating_sub(1);
+    for p in rest {
+        n = n.min(first.iter().zip(p).take_while(|(a, b)| a == b).count());
+    }
+    if n >= MIN_SHARED_PREFIX {
+        n
+    } else {
+        0
+    }
+}
+
 /// Position of each token: the count of real tokens before it (left or right
 /// padding alike), as transformers' generate computes it; padding gets 0.
 fn positions_from_mask(key_mask: &[Vec<bool>]) -> Vec<Vec<u32>> {
@@ -738,21 +777,48 @@ impl LanguageModel for Llama {
         if b == 0 || opts.max_new_tokens == 0 {
             return Ok(out);
         }
-        let l = prompts.iter().map(Vec::len).max().unwrap_or(0);
-        // left padding: every row's last prompt token sits at column l - 1
+        // Prompts that start alike (an evaluation batch: the task's
+        // instruction and options, 40-60 % of each prompt here) compute
+        // the shared prefix's keys and values once, for one row, and every
+        // row attends to copies of them: the same attention, less prefill.
+        let mut cache = KvCache::new(self.layers.len());
+        let shared = shared_prefix_len(prompts);
+        if shared > 0 {
+            let ids = Tensor::from_vec(prompts[0][..shared].to_vec(), (1, shared), &self.device)?;
+            let positions = vec![(0..shared as u32).collect::<Vec<_>>()];
+            self.hidden_states(
+                &ids,
+                &positions,
+                &[vec![true; shared]],
+                Some(&mut cache),
+                mode,
+            )?;
+            cache.repeat_rows(b)?;
+        }
+        let l = prompts.iter().map(|p| p.len() - shared).max().unwrap_or(0);
+        // left padding after the shared prefix: every row's last prompt
+        // token sits at the last column
         let mut key_mask: Vec<Vec<bool>> = prompts
             .iter()
-            .map(|p| (0..l).map(|j| j >= l - p.len()).collect())
+            .map(|p| {
+                let pad = l - (p.len() - shared);
+                (0..shared + l)
+                    .map(|j| j < shared || j >= shared + pad)
+                    .collect()
+            })
             .collect();
         let ids: Vec<u32> = prompts
             .iter()
             .flat_map(|p| {
-                std::iter::repeat_n(opts.pad_token_id, l - p.len()).chain(p.iter().copied())
+                std::iter::repeat_n(opts.pad_token_id, l - (p.len() - shared))
+                    .chain(p[shared..].iter().copied())
             })
             .collect();
-        let mut positions = positions_from_mask(&key_mask);
+        let mut positions: Vec<Vec<u32>> = positions_from_mask(&key_mask)
+            .into_iter()
+            .map(|row| row[shared..].to_vec())
+            .collect();
         let mut next_pos: Vec<u32> = prompts.iter().map(|p| p.len() as u32).collect();
-        let mut cache = KvCache::new(self.layers.len());
         let mut input = Tensor::from_vec(ids, (b, l), &self.device)?;
         let mut finished = vec![false; b];
         for _ in 0..opts.max_new_tokens {
