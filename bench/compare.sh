@@ -5,7 +5,7 @@
 # prints each metric's ratio nlora / PyTorch with min / median / max, and
 # writes every raw result to $OUT_DIR (default bench/results/<timestamp>).
 #
-#   bench/compare.sh [ROUNDS]          (env: THREADS=2 BATCH=8 SEQ=128 STEPS=3
+#   bench/compare.sh [ROUNDS]          (env: THREADS=2 BATCH=8 SEQ=128 STEPS=3 WARMUP=3
 #                                        GEN_PROMPT=128 MODEL=... PYTHON=... NLORA=...)
 #
 # The Python side is installed into bench/.venv (pip, from PyPI) when no
@@ -19,6 +19,9 @@ THREADS="${THREADS:-2}"
 BATCH="${BATCH:-8}"
 SEQ="${SEQ:-128}"
 STEPS="${STEPS:-3}"
+# untimed repetitions before each measurement: nlora's first ~4 training
+# steps of a process run ~20 % slower (heap growth), PyTorch's too
+WARMUP="${WARMUP:-3}"
 GEN_PROMPT="${GEN_PROMPT:-128}"
 MODEL="${MODEL:-${NLORA_MODEL:-$HOME/.cache/nlora/models/SmolLM2-135M-Instruct.Q4_1.gguf}}"
 OUT_DIR="${OUT_DIR:-bench/results/$(date -u +%Y%m%dT%H%M%SZ)}"
@@ -46,7 +49,7 @@ if [[ -z "${NLORA:-}" ]]; then
 fi
 
 mkdir -p "$OUT_DIR"
-common=(--model "$MODEL" --threads "$THREADS" --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" --gen-prompt "$GEN_PROMPT" --json)
+common=(--model "$MODEL" --threads "$THREADS" --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" --warmup "$WARMUP" --gen-prompt "$GEN_PROMPT" --json)
 busy() {
     local load
     load=$(cut -d' ' -f1 /proc/loadavg)

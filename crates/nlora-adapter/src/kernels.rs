@@ -50,6 +50,190 @@ pub fn has_avx2_fma() -> bool {
     })
 }
 
+/// `a @ b` over the leading (batch) dims, for batches of small products
+/// such as attention's per-head `q k^T` and `p v`: each product runs
+/// single-threaded and the batch is split across the rayon pool. candle's
+/// batched matmul runs one multi-threaded GEMM per item, which at 384 x 64
+/// x 128 spends half its time in thread hand-offs (measured: 1.93 vs
+/// 1.06 ms for 24 such products on 2 cores). Batch dims that cannot be
+/// walked with one stride are copied contiguous first. Falls back to
+/// `a.matmul(b)` off the CPU, for other dtypes, and when a gradient is
+/// tracked (this is not a differentiable op: use it inside kernels and
+/// backward passes).
+pub fn batched_matmul(
+    a: &candle_core::Tensor,
+    b: &candle_core::Tensor,
+) -> candle_core::Result<candle_core::Tensor> {
+    use candle_core::{DType, Storage, Tensor};
+    let (ad, bd) = (a.dims(), b.dims());
+    let rank = ad.len();
+    let fits = rank >= 3
+        && bd.len() == rank
+        && ad[..rank - 2] == bd[..rank - 2]
+        && ad[rank - 1] == bd[rank - 2]
+        && a.dtype() == b.dtype()
+        && matches!(a.dtype(), DType::F32 | DType::F64)
+        && a.device().is_cpu()
+        && b.device().is_cpu()
+        && !a.track_op()
+        && !b.track_op();
+    if !fits {
+        return a.matmul(b);
+    }
+    // batch dims that do not collapse to one stride: a contiguous copy does
+    let (a, b) = (
+        &if batch_stride(a).is_some() {
+            a.clone()
+        } else {
+            a.contiguous()?
+        },
+        &if batch_stride(b).is_some() {
+            b.clone()
+        } else {
+            b.contiguous()?
+        },
+    );
+    let (Some(sa), Some(sb)) = (batch_stride(a), batch_stride(b)) else {
+        return a.matmul(b);
+    };
+    let (m, k, n) = (ad[rank - 2], ad[rank - 1], bd[rank - 1]);
+    let items: usize = ad[..rank - 2].iter().product();
+    let (a_st, a_l) = a.storage_and_layout();
+    let (b_st, b_l) = b.storage_and_layout();
+    let (Storage::Cpu(a_cpu), Storage::Cpu(b_cpu)) = (&*a_st, &*b_st) else {
+        return a.matmul(b);
+    };
+    let (a_s, b_s) = (a_l.stride(), b_l.stride());
+    let a_view = MatView {
+        start: a_l.start_offset(),
+        batch: sa,
+        rs: a_s[rank - 2],
+        cs: a_s[rank - 1],
+    };
+    let b_view = MatView {
+        start: b_l.start_offset(),
+        batch: sb,
+        rs: b_s[rank - 2],
+        cs: b_s[rank - 1],
+    };
+    let mut dims = ad.to_vec();
+    dims[rank - 1] = n;
+    let device = a.device().clone();
+    match a.dtype() {
+        DType::F32 => {
+            let c = batched_gemm(
+                a_cpu.as_slice::<f32>()?,
+                a_view,
+                b_cpu.as_slice::<f32>()?,
+                b_view,
+                items,
+                (m, k, n),
+            );
+            Tensor::from_vec(c, dims, &device)
+        }
+        _ => {
+            let c = batched_gemm(
+                a_cpu.as_slice::<f64>()?,
+                a_view,
+                b_cpu.as_slice::<f64>()?,
+                b_view,
+                items,
+                (m, k, n),
+            );
+            Tensor::from_vec(c, dims, &device)
+        }
+    }
+}
+
+/// Where matrix `i` of a batch starts and how its rows and columns stride.
+#[derive(Clone, Copy)]
+struct MatView {
+    start: usize,
+    batch: usize,
+    rs: usize,
+    cs: usize,
+}
+
+/// The one stride that walks all leading dims of a tensor (None when
+/// they do not collapse, e.g. a transposed batch).
+fn batch_stride(t: &candle_core::Tensor) -> Option<usize> {
+    let (dims, stride) = (t.dims(), t.stride());
+    let rank = dims.len();
+    if rank < 3 {
+        return None;
+    }
+    for i in 0..rank - 3 {
+        if dims[i + 1] > 1 && stride[i] != stride[i + 1] * dims[i + 1] {
+            return None;
+        }
+    }
+    Some(stride[rank - 3])
+}
+
+fn batched_gemm<T: num_like::Float>(
+    a: &[T],
+    av: MatView,
+    b: &[T],
+    bv: MatView,
+    items: usize,
+    (m, k, n): (usize, usize, usize),
+) -> Vec<T> {
+    use rayon::prelude::*;
+    let mut c = vec![T::ZERO; items * m * n];
+    if m * n == 0 {
+        return c;
+    }
+    // bounds of the last element each view reads, checked once up front
+    let last = |v: MatView, rows: usize, cols: usize| {
+        v.start + (items - 1) * v.batch + (rows - 1) * v.rs + (cols - 1) * v.cs
+    };
+    assert!(k == 0 || (last(av, m, k) < a.len() && last(bv, k, n) < b.len()));
+    c.par_chunks_mut(m * n).enumerate().for_each(|(i, c)| {
+        // SAFETY: every element read lies inside `a` / `b` (the largest
+        // offsets are checked above), `c` is this item's own m x n block.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.as_ptr().add(av.start + i * av.batch),
+                av.cs as isize,
+                av.rs as isize,
+                b.as_ptr().add(bv.start + i * bv.batch),
+                bv.cs as isize,
+                bv.rs as isize,
+                T::ZERO,
+                T::ONE,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        }
+    });
+    c
+}
+
+mod num_like {
+    /// The element types [`super::batched_matmul`] runs on.
+    pub trait Float: Copy + Send + Sync + 'static + candle_core::WithDType {
+        const ZERO: Self;
+        const ONE: Self;
+    }
+    impl Float for f32 {
+        const ZERO: Self = 0.0;
+        const ONE: Self = 1.0;
+    }
+    impl Float for f64 {
+        const ZERO: Self = 0.0;
+        const ONE: Self = 1.0;
+    }
+}
+
 /// `e^x` for f32 without branches or calls (Cephes' `expf`: range reduction
 /// by ln 2 in two parts, a degree-6 polynomial, the exponent set through the
 /// bits), within 2 ulp of `f32::exp` on [-87, 88]. Below -87 it returns 0
@@ -151,6 +335,56 @@ mod tests {
         for (&x, &y) in xs.iter().zip(&ys) {
             assert!(ulps(y, x.exp()) <= 2, "x = {x}: {y} vs {}", x.exp());
         }
+    }
+
+    #[test]
+    fn batched_matmul_matches_candle_on_plain_and_transposed_views() {
+        use candle_core::{Device, Tensor};
+        let d = Device::Cpu;
+        let a = Tensor::randn(0f32, 1.0, (2, 3, 5, 4), &d).unwrap();
+        let b = Tensor::randn(0f32, 1.0, (2, 3, 4, 6), &d).unwrap();
+        let bt = Tensor::randn(0f32, 1.0, (2, 3, 6, 4), &d).unwrap();
+        let a64 = a.to_dtype(candle_core::DType::F64).unwrap();
+        let b64 = b.to_dtype(candle_core::DType::F64).unwrap();
+        for (x, y) in [
+            (a.clone(), b.clone()),
+            (a.clone(), bt.t().unwrap()),            // k^T as a view
+            (b.t().unwrap(), a.t().unwrap()),        // both transposed
+            (a.narrow(2, 1, 3).unwrap(), b.clone()), // offset rows
+            (a64.clone(), b64.clone()),
+        ] {
+            let got = batched_matmul(&x, &y).unwrap();
+            let want = x.matmul(&y).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let diff = (got - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_dtype(candle_core::DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(diff < 1e-5, "max diff {diff}");
+        }
+        // a batch that does not collapse to one stride (candle's matmul
+        // refuses it) is copied contiguous first
+        let odd = a.transpose(0, 1).unwrap(); // (3, 2, 5, 4) with swapped batch strides
+        let b2 = b.transpose(0, 1).unwrap().contiguous().unwrap();
+        let got = batched_matmul(&odd, &b2).unwrap();
+        let want = odd.contiguous().unwrap().matmul(&b2).unwrap();
+        let diff = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
     }
 
     #[test]

@@ -319,6 +319,12 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) 
     )
 }
 
+/// Per-head products (outside autograd): one single-threaded GEMM per head,
+/// the heads split across threads (see `nlora_adapter::kernels`).
+fn bmm(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    nlora_adapter::kernels::batched_matmul(a, b)
+}
+
 /// The probabilities `(b, nkv, n_rep * s, t)` and the dims.
 fn attention_probs(
     q: &Tensor,
@@ -329,11 +335,8 @@ fn attention_probs(
     let (b, nh, s, hd) = q.dims4()?;
     let (_, nkv, t, _) = k.dims4()?;
     let n_rep = nh / nkv;
-    let scores = q
-        .contiguous()?
-        .reshape((b, nkv, n_rep * s, hd))?
-        .matmul(&k.t()?)?
-        .reshape((b, nh, s, t))?;
+    let q_stacked = q.contiguous()?.reshape((b, nkv, n_rep * s, hd))?;
+    let scores = bmm(&q_stacked, &k.t()?)?.reshape((b, nh, s, t))?;
     let probs = masked_softmax(&scores, mask, scale)?.reshape((b, nkv, n_rep * s, t))?;
     Ok((probs, [b, nh, nkv, s, t, hd]))
 }
@@ -346,8 +349,7 @@ fn attention_forward(
     scale: f64,
 ) -> Result<Tensor> {
     let (probs, [b, nh, _, s, _, hd]) = attention_probs(q, k, mask, scale)?;
-    probs
-        .matmul(&v.contiguous()?)?
+    bmm(&probs, &v.contiguous()?)?
         .reshape((b, nh, s, hd))?
         .transpose(1, 2)?
         .contiguous()?
@@ -427,13 +429,13 @@ impl candle_core::CustomOp3 for Attention {
             .contiguous()?
             .reshape((b, nkv, n_rep * s, hd))?;
         let v = v.contiguous()?;
-        let d_v = probs.t()?.matmul(&d_out)?;
-        let d_probs = d_out.matmul(&v.t()?)?.contiguous()?;
+        let d_v = bmm(&probs.t()?, &d_out)?;
+        let d_probs = bmm(&d_out, &v.t()?)?.contiguous()?;
         let d_scores = d_probs.apply_op2_no_bwd(&probs, &SoftmaxBackward { scale: self.scale })?;
         let k = k.contiguous()?;
-        let d_q = d_scores.matmul(&k)?.reshape((b, nh, s, hd))?;
+        let d_q = bmm(&d_scores, &k)?.reshape((b, nh, s, hd))?;
         let q_stacked = q.contiguous()?.reshape((b, nkv, n_rep * s, hd))?;
-        let d_k = d_scores.t()?.matmul(&q_stacked)?;
+        let d_k = bmm(&d_scores.t()?, &q_stacked)?;
         Ok((Some(d_q), Some(d_k), Some(d_v)))
     }
 }
