@@ -68,8 +68,8 @@ pub struct BenchArgs {
     /// With --random-shape: keep this many decoder layers (default: all).
     #[arg(long, requires = "random_shape")]
     pub layers: Option<usize>,
-    /// Also print where the wall time of (b) and (c) goes, op by op (self
-    /// time per step; "rest" rows are candle's own ops and graph work).
+    /// Also print where the wall time of (a), (b) and (c) goes, op by op
+    /// (self time per step; "rest" rows are candle's own ops and graph work).
     #[arg(long)]
     pub profile: bool,
 }
@@ -271,17 +271,16 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         sync()
     };
     let tokens = (b * s) as f64;
-    let t_train = timed(args.warmup, args.steps, || train_step(false))?;
-    let t_nlora = if args.profile {
-        timed(args.warmup, 0, || train_step(true))?;
-        profile::enable(true);
-        let t = timed(0, args.steps, || train_step(true))?;
+    // warm-up, then the timed steps, recorded op by op with --profile
+    let mut measure = |penalty: bool| -> Result<(f64, Vec<profile::OpTime>)> {
+        timed(args.warmup, 0, || train_step(penalty))?;
+        profile::enable(args.profile);
+        let t = timed(0, args.steps, || train_step(penalty));
         profile::enable(false);
-        t
-    } else {
-        timed(args.warmup, args.steps, || train_step(true))?
+        Ok((t?, profile::take()))
     };
-    let train_profile = profile::take();
+    let (t_train, lora_profile) = measure(false)?;
+    let (t_nlora, train_profile) = measure(true)?;
     let train_rss = peak_rss_mib();
 
     // (c) inference forward, logits at every position
@@ -368,6 +367,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         out.insert(
             "profile".into(),
             serde_json::json!({
+                "train_step": profile_json(&lora_profile, args.steps, t_train),
                 "train_nlora_step": profile_json(&train_profile, args.steps, t_nlora),
                 "forward": profile_json(&forward_profile, args.steps, t_fwd),
             }),
@@ -413,6 +413,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     }
     if args.profile {
         for (title, rows, t) in [
+            ("(a) LoRA training step", &lora_profile, t_train),
             ("(b) training step + N-LoRA l1", &train_profile, t_nlora),
             ("(c) inference forward", &forward_profile, t_fwd),
         ] {

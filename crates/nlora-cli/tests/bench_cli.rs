@@ -48,6 +48,14 @@ fn bench_json_with_profile_accounts_for_the_step() {
     }
     for (table, must) in [
         (
+            "train_step",
+            &[
+                "frozen linear (fwd)",
+                "lm_head + cross-entropy (fwd)",
+                "AdamW",
+            ][..],
+        ),
+        (
             "train_nlora_step",
             &[
                 "frozen linear (fwd)",
