@@ -19,8 +19,8 @@ THREADS="${THREADS:-2}"
 BATCH="${BATCH:-8}"
 SEQ="${SEQ:-128}"
 STEPS="${STEPS:-3}"
-# untimed repetitions before each measurement: nlora's first ~4 training
-# steps of a process run ~20 % slower (heap growth), PyTorch's too
+# untimed repetitions before each measurement: the first steps of a
+# process pay one-off costs (heap growth, lazy initialisation) on both sides
 WARMUP="${WARMUP:-3}"
 GEN_PROMPT="${GEN_PROMPT:-128}"
 MODEL="${MODEL:-${NLORA_MODEL:-$HOME/.cache/nlora/models/SmolLM2-135M-Instruct.Q4_1.gguf}}"
