@@ -26,36 +26,10 @@ GEN_PROMPT="${GEN_PROMPT:-128}"
 MODEL="${MODEL:-${NLORA_MODEL:-$HOME/.cache/nlora/models/SmolLM2-135M-Instruct.Q4_1.gguf}}"
 OUT_DIR="${OUT_DIR:-bench/results/$(date -u +%Y%m%dT%H%M%SZ)}"
 
-if [[ ! -f "$MODEL" ]]; then
-    echo "error: model $MODEL is missing: run scripts/fetch-model.sh (or set MODEL)" >&2
-    exit 1
-fi
-
-# Python side: an explicit PYTHON, else bench/.venv (created on first use).
-if [[ -z "${PYTHON:-}" ]]; then
-    PYTHON=bench/.venv/bin/python
-    if ! "$PYTHON" -c 'import torch, transformers, peft, gguf' 2>/dev/null; then
-        echo "installing the PyTorch side into bench/.venv (pip, several minutes)..." >&2
-        python3 -m venv bench/.venv
-        bench/.venv/bin/pip install -q --upgrade pip
-        bench/.venv/bin/pip install -q -r bench/requirements.txt
-    fi
-fi
-
-# nlora side: an explicit NLORA binary, else a release build.
-if [[ -z "${NLORA:-}" ]]; then
-    cargo build --release -q -p nlora-cli
-    NLORA="${CARGO_TARGET_DIR:-target}/release/nlora"
-fi
+source bench/lib.sh
 
 mkdir -p "$OUT_DIR"
 common=(--model "$MODEL" --threads "$THREADS" --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" --warmup "$WARMUP" --gen-prompt "$GEN_PROMPT" --json)
-busy() {
-    local load
-    load=$(cut -d' ' -f1 /proc/loadavg)
-    awk -v l="$load" 'BEGIN { exit !(l > 1.5) }' && echo "warning: load average $load: timings are unreliable" >&2
-    true
-}
 
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores; threads $THREADS, batch $BATCH x $SEQ, f32" >&2
 for ((r = 1; r <= ROUNDS; r++)); do

@@ -27,10 +27,6 @@ MODEL="${MODEL:-${NLORA_MODEL:-$HOME/.cache/nlora/models/SmolLM2-135M-Instruct.Q
 OUT_DIR="${OUT_DIR:-bench/results/wholerun-$(date -u +%Y%m%dT%H%M%SZ)}"
 export NLORA_DATA="${NLORA_DATA:-$(cd .. && pwd)/shared/cl_benchmark}"
 
-if [[ ! -f "$MODEL" ]]; then
-    echo "error: model $MODEL is missing: run scripts/fetch-model.sh (or set MODEL)" >&2
-    exit 1
-fi
 if [[ ! -f "$CONFIG" ]]; then
     echo "error: run config $CONFIG is missing (set CONFIG)" >&2
     exit 1
@@ -40,31 +36,9 @@ if [[ -e "$OUT_DIR/export" ]]; then
     exit 1
 fi
 
-# Python side: an explicit PYTHON, else bench/.venv (created on first use).
-if [[ -z "${PYTHON:-}" ]]; then
-    PYTHON=bench/.venv/bin/python
-    if ! "$PYTHON" -c 'import torch, transformers, peft, gguf' 2>/dev/null; then
-        echo "installing the PyTorch side into bench/.venv (pip, several minutes)..." >&2
-        python3 -m venv bench/.venv
-        bench/.venv/bin/pip install -q --upgrade pip
-        bench/.venv/bin/pip install -q -r bench/requirements.txt
-    fi
-fi
-
-# nlora side: an explicit NLORA binary, else a release build.
-if [[ -z "${NLORA:-}" ]]; then
-    cargo build --release -q -p nlora-cli
-    NLORA="${CARGO_TARGET_DIR:-target}/release/nlora"
-fi
+source bench/lib.sh
 
 mkdir -p "$OUT_DIR"
-loadavg() { cut -d' ' -f1 /proc/loadavg; }
-busy() {
-    local load
-    load=$(loadavg)
-    awk -v l="$load" 'BEGIN { exit !(l > 1.5) }' && echo "warning: load average $load: timings are unreliable" >&2
-    true
-}
 now() { date +%s.%N; }
 
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores; threads $THREADS; config $CONFIG" >&2
